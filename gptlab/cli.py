@@ -1,0 +1,200 @@
+"""`gptlab` command line. Each subcommand is a thin shell over a library function; bad input ends in a
+one-line `error: ...` and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+
+def _cmd_tokenizer(a) -> None:
+    from gptlab.tokenizer import build_tokenizer, load_tokenizer
+
+    if a.tok_cmd == "train":
+        from gptlab.data.sources import iter_documents
+
+        spec = "char" if a.kind == "char" else ("gpt2" if a.kind == "gpt2" else f"bpe:{a.merges}")
+        tok = build_tokenizer(spec, list(iter_documents(a.input, text_field=a.text_field)))
+        out = Path(a.out)
+        tok.save(out)
+        print(f"saved {tok.kind} tokenizer with {tok.vocab_size:,} tokens to {out}")
+    elif a.tok_cmd == "encode":
+        tok = load_tokenizer(a.tokenizer)
+        text = a.text if a.text is not None else sys.stdin.read()
+        print(" ".join(map(str, tok.encode(text))))
+    else:
+        tok = load_tokenizer(a.tokenizer)
+        raw = a.ids if a.ids else sys.stdin.read().split()
+        try:
+            ids = [int(t) for t in raw]
+        except ValueError:
+            raise GptlabError("decode expects integer token ids") from None
+        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise GptlabError(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
+        sys.stdout.write(tok.decode(ids) + "\n")
+
+
+def _cmd_prepare(a) -> None:
+    from gptlab.data.prepare import prepare
+
+    prepare(a.source, a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction, seed=a.seed,
+            num_workers=a.workers, text_field=a.text_field)
+
+
+def _cmd_pretrain(a) -> None:
+    from gptlab.config import collect_overrides, load_yaml
+    from gptlab.model import GPTConfig
+    from gptlab.train.config import TrainConfig
+    from gptlab.train.pretrain import pretrain
+
+    y = load_yaml(a.config)
+    unknown = set(y) - {"data", "out", "preset", "recipe", "model", "train"}
+    if unknown:
+        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (expected data, out, preset, recipe, model, train)")
+    data, out = a.data or y.get("data"), a.out or y.get("out")
+    if not data or not out:
+        raise GptlabError("pretrain needs --data (a prepared data dir) and --out (the run dir)")
+    model_over = {**(y.get("model") or {}), **collect_overrides(a, GPTConfig, "model")}
+    pretrain(data, out, preset_name=a.preset or y.get("preset", "small-4x128"), recipe=a.recipe or y.get("recipe", "gpt3"),
+             model_overrides=model_over, train_layers=(y.get("train") or {}, collect_overrides(a, TrainConfig, "train")),
+             resume=a.resume)
+
+
+def _cmd_sample(a) -> None:
+    import torch
+
+    from gptlab.run import load_run
+    from gptlab.sample import sample
+
+    run = load_run(a.run_dir, device=a.device)
+    tok, model = run.tokenizer, run.model
+    ids = tok.encode(a.prompt) if a.prompt else [tok.eot_id]
+    if len(ids) >= model.cfg.block_size:
+        print(f"warning: prompt of {len(ids)} tokens cropped to the last {model.cfg.block_size - 1}", file=sys.stderr)
+        ids = ids[-(model.cfg.block_size - 1):]
+    g = torch.Generator(device=a.device).manual_seed(a.seed)
+    x = torch.tensor([ids] * a.num_samples, device=a.device)
+    with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
+        out = sample(model, x, a.max_new_tokens, a.temperature, a.top_k, generator=g)
+    for i, row in enumerate(out.tolist()):
+        text = tok.decode(row[len(ids):])
+        print((a.prompt or "") + text)
+        if i < a.num_samples - 1:
+            print("-" * 40)
+
+
+def _cmd_info(a) -> None:
+    from gptlab.model import GPTConfig
+    from gptlab.run import read_run_config
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.train.checkpoint import CheckpointManager
+    from gptlab.train.metrics import read_metrics
+
+    run_dir = Path(a.run_dir)
+    cfg = read_run_config(run_dir)
+    mcfg = GPTConfig.from_dict(cfg["model"])
+    tok = load_tokenizer(run_dir / cfg.get("tokenizer", "tokenizer.gptlab.json"))
+    latest = CheckpointManager(run_dir).latest()
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    vals = [m for m in metrics if "val_loss" in m]
+    info = {
+        "run_dir": str(run_dir), "stage": cfg.get("stage"), "parameters": mcfg.num_params(),
+        "model": cfg["model"], "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size},
+        "latest_checkpoint": latest.name if latest else None,
+        "last_val_loss": vals[-1]["val_loss"] if vals else None,
+        "train": cfg.get("train"),
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{run_dir}: {cfg.get('stage', '?')} run, {mcfg.num_params() / 1e6:.2f}M parameters")
+    print(f"  model: {mcfg.n_layer} layers × {mcfg.n_embd} ({mcfg.n_head} heads), context {mcfg.block_size}, "
+          f"{mcfg.norm}-LN, attention {','.join(mcfg.attention)}, vocab {mcfg.vocab_size}")
+    print(f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens")
+    print(f"  latest checkpoint: {info['latest_checkpoint']}; last val loss: {info['last_val_loss']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptlab.config import add_dataclass_args
+    from gptlab.model import GPTConfig, PRESETS
+    from gptlab.train.config import RECIPES, TrainConfig
+
+    p = argparse.ArgumentParser(prog="gptlab", description="The GPT lineage end to end.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("tokenizer", help="train, or encode/decode with, a tokenizer")
+    tsub = t.add_subparsers(dest="tok_cmd", required=True)
+    tt = tsub.add_parser("train", help="build a tokenizer from a corpus (byte-level BPE, char) or the GPT-2 BPE")
+    tt.add_argument("input", help="corpus: file, folder, .jsonl, hf:NAME or 'shakespeare'")
+    tt.add_argument("--out", required=True, help="tokenizer file to write (tokenizer.gptlab.json)")
+    tt.add_argument("--kind", choices=["bpe", "char", "gpt2"], default="bpe")
+    tt.add_argument("--merges", type=int, default=8000, help="BPE merges (GPT-1 used 40,000)")
+    tt.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    te = tsub.add_parser("encode", help="print token ids of --text (or stdin)")
+    te.add_argument("tokenizer", help="tokenizer file, run dir or data dir")
+    te.add_argument("--text")
+    td = tsub.add_parser("decode", help="print the text of token ids (arguments or stdin)")
+    td.add_argument("tokenizer")
+    td.add_argument("ids", nargs="*")
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token shards")
+    pr.add_argument("source", help="text file, folder, .jsonl, hf:NAME[:CONFIG] or 'shakespeare' (built-in)")
+    pr.add_argument("--out", required=True, help="data directory to write")
+    pr.add_argument("--tokenizer", default="gpt2", help="gpt2 | char | bpe:N (train N merges) | path to a tokenizer")
+    pr.add_argument("--val-fraction", type=float, default=0.1)
+    pr.add_argument("--seed", type=int, default=1337)
+    pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, ≤ 8)")
+    pr.add_argument("--text-field", default="text", help="JSONL / datasets field holding the text")
+
+    pt = sub.add_parser("pretrain", help="generative pretraining (one process, or several under torchrun)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pt.add_argument("--config", help="YAML with keys data, out, preset, recipe, model: {...}, train: {...}")
+    pt.add_argument("--data", help="prepared data directory (gptlab prepare)")
+    pt.add_argument("--out", help="run directory")
+    pt.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} [default: small-4x128]")
+    pt.add_argument("--recipe", help=f"training recipe: {', '.join(RECIPES)} [default: gpt3]")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_dataclass_args(pt, GPTConfig, "model")
+    add_dataclass_args(pt, TrainConfig, "train")
+
+    s = sub.add_parser("sample", help="sample text from a run (simple sampler; see `generate` for the real one)")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=200)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+
+    i = sub.add_parser("info", help="describe a run directory")
+    i.add_argument("run_dir")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+COMMANDS = {"tokenizer": _cmd_tokenizer, "prepare": _cmd_prepare, "pretrain": _cmd_pretrain,
+            "sample": _cmd_sample, "info": _cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.cmd](args)
+    except GptlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The GPT model: one class for the whole lineage.
+
+GPT-1: post-LN blocks (LayerNorm after each residual add, as in the original Transformer), no final LN.
+GPT-2: pre-LN blocks + final LayerNorm, residual projections scaled by 1/sqrt(2·n_layer) at init.
+GPT-3: GPT-2's block with alternating dense and locally banded sparse attention layers.
+
+The trunk returns hidden states (B, T, C); the LM head is one head over them (tied to the token
+embedding). Later stages attach other heads (classification, scalar reward/value) to the same trunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.model.attention import CausalSelfAttention
+from gptlab.model.config import GPTConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.d_ff, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.post_ln = cfg.norm == "post"
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, pos_offset: int = 0):  # (B, T, C) -> (B, T, C)
+        if self.post_ln:  # GPT-1: h = LN(x + Attn(x)); out = LN(h + MLP(h))
+            x = self.ln_1(x + self.attn(x, pos_offset))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), pos_offset)  # GPT-2/3: x + Attn(LN(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        cfg = self.cfg
+        if isinstance(m, nn.Linear):
+            std = cfg.init_std
+            if cfg.scaled_residual_init and getattr(m, "residual_proj", False):
+                std /= math.sqrt(2 * cfg.n_layer)  # N = 2·n_layer residual branches add into the stream
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self, include_position: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n if include_position else n - self.wpe.weight.numel()
+
+    def hidden(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+        """Trunk: token ids (B, T) -> final hidden states (B, T, C)."""
+        B, T = idx.shape
+        if pos_offset + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos_offset + T} tokens exceeds the context of {self.cfg.block_size}")
+        pos = torch.arange(pos_offset, pos_offset + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x, pos_offset)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos_offset: int = 0,
+                ignore_index: int = -100):
+        """Returns (logits (B, T, V), loss or None). Loss is mean cross-entropy over non-ignored targets."""
+        logits = self.lm_head(self.hidden(idx, pos_offset))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6·N (weights, fwd+bwd) + 12·L·H·D·T (attention scores), as in PaLM's MFU."""
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        n = self.num_params(include_position=False)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

@@ -1,0 +1,67 @@
+"""A run directory is the unit every command passes around: config.json + model.safetensors + tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptlab import __version__
+from gptlab.errors import GptlabError
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from gptlab.train.checkpoint import (CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, atomic_write_json,
+                                     load_model_weights, read_json)
+
+
+@dataclass
+class Run:
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict
+    path: Path
+
+
+def write_run_config(run_dir: Path, model_cfg: GPTConfig, tokenizer: Tokenizer, **extra) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir / TOKENIZER_FILE)
+    atomic_write_json(run_dir / CONFIG_FILE, {"format": RUN_FORMAT, "version": RUN_VERSION, "gptlab": __version__,
+                                              "model": model_cfg.to_dict(), "tokenizer": TOKENIZER_FILE, **extra})
+
+
+def read_run_config(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GptlabError(f"run directory not found: {run_dir}")
+    cfg = read_json(run_dir / CONFIG_FILE, "run config")
+    if cfg.get("format") != RUN_FORMAT:
+        raise GptlabError(f"{run_dir / CONFIG_FILE} is not a gptlab run config (format {cfg.get('format')!r})")
+    if cfg.get("version", 0) > RUN_VERSION:
+        raise GptlabError(f"{run_dir} was written by a newer gptlab (run format v{cfg['version']}); upgrade gptlab")
+    return cfg
+
+
+def check_vocab(model_cfg: GPTConfig, tokenizer: Tokenizer, where: str) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise GptlabError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{model_cfg.vocab_size} (tokenizer/model vocab mismatch)")
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Run:
+    """Load a run directory for inference: model in eval mode, weights checked against the config."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    model_cfg = GPTConfig.from_dict(cfg["model"])
+    tok = load_tokenizer(run_dir / cfg.get("tokenizer", TOKENIZER_FILE))
+    check_vocab(model_cfg, tok, str(run_dir))
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model = model.to_empty(device=device)
+    load_model_weights(model, run_dir / MODEL_FILE)
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    if dtype is not None:
+        model = model.to(dtype)
+    return Run(model.eval(), tok, cfg, run_dir)

@@ -1,0 +1,185 @@
+"""The one checkpoint format: safetensors for every tensor, JSON for everything else, atomic writes.
+
+run_dir/
+  config.json               model config + what produced it ("format": "gptlab-run")
+  model.safetensors         latest good weights (what every other command loads)
+  tokenizer.gptlab.json     the tokenizer
+  checkpoints/step_0000500/ model.safetensors, optimizer.safetensors (+ RNG states), state.json
+  latest.json               which checkpoint --resume continues from
+
+A checkpoint directory is written under a temporary name and renamed into place, and latest.json is
+replaced atomically afterwards: a crash at any point leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptlab.errors import GptlabError
+
+RUN_FORMAT, RUN_VERSION = "gptlab-run", 1
+MODEL_FILE, CONFIG_FILE, LATEST_FILE = "model.safetensors", "config.json", "latest.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then fsync + os.replace: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GptlabError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"{what} {path} is corrupt: {e}") from None
+
+
+def read_safetensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise GptlabError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptlabError(f"{what} {path} is corrupt or truncated ({e}); it is not a readable safetensors file") from None
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights to save: the tied LM head is stored once (as wte.weight)."""
+    sd = model.state_dict()
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    sd = model_state(model)
+    atomic_write(path, lambda p: save_file(sd, p, metadata={"format": "gptlab"}))
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load weights with shape and key checks; a foreign or mismatched file is a one-line error."""
+    load_state_into(model, read_safetensors(path, "model weights"), path)
+
+
+def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> None:
+    expected = model_state(model)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise GptlabError(f"{path} does not match this model (not a gptlab checkpoint of this config?): "
+                          f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+                          f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            hint = " (tokenizer/model vocab mismatch)" if k == "wte.weight" else ""
+            raise GptlabError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}{hint}")
+    model.load_state_dict(sd, strict=not getattr(model.cfg, "tie_embeddings", False))
+
+
+# --- optimizer and trainer state -----------------------------------------------------------------
+def optimizer_tensors(opt_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors (safetensors, keys `opt|param|name`) and JSON-able rest."""
+    tensors, scalars = {}, {}
+    for pid, st in opt_sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt|{pid}|{k}"] = v.detach().contiguous()
+            else:
+                scalars[f"{pid}|{k}"] = v
+    return tensors, {"param_groups": opt_sd["param_groups"], "scalars": scalars}
+
+
+def _pid(pid: str):
+    return int(pid) if pid.isdigit() else pid  # plain optimizers key by index, FSDP full state dicts by name
+
+
+def optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("opt|"):
+            _, pid, k = name.split("|", 2)
+            state.setdefault(_pid(pid), {})[k] = v
+    for name, v in meta.get("scalars", {}).items():
+        pid, k = name.split("|", 1)
+        state.setdefault(_pid(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep_last: int = 2):
+        self.run_dir, self.keep_last = Path(run_dir), max(1, keep_last)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    def save(self, step: int, model: torch.nn.Module, opt_sd: dict | None, state: dict,
+             model_sd: dict[str, torch.Tensor] | None = None) -> Path:
+        final = self.ckpt_dir / f"step_{step:07d}"
+        tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        msd = model_sd if model_sd is not None else model_state(model)
+        save_file(msd, str(tmp / MODEL_FILE), metadata={"format": "gptlab"})
+        extra = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            extra["rng.cuda"] = torch.cuda.get_rng_state()
+        opt_meta = None
+        if opt_sd is not None:
+            tensors, opt_meta = optimizer_tensors(opt_sd)
+            extra.update(tensors)
+        save_file(extra, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        # top-level weights for every other command, then the pointer: each step atomic
+        atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
+        atomic_write_json(self.run_dir / LATEST_FILE, {"step": step, "checkpoint": final.name})
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in steps[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        if not (self.run_dir / LATEST_FILE).exists():
+            return None
+        path = self.ckpt_dir / read_json(self.run_dir / LATEST_FILE, "latest checkpoint pointer")["checkpoint"]
+        if not path.is_dir():
+            raise GptlabError(f"latest checkpoint {path} is missing; the run directory was modified by hand")
+        return path
+
+    def load(self, path: Path) -> tuple[dict, dict | None, dict]:
+        """-> (model state dict, optimizer state dict or None, state.json) and restores RNG states."""
+        state = read_json(path / "state.json", "trainer state")
+        extra = read_safetensors(path / "optimizer.safetensors", "optimizer state")
+        torch.set_rng_state(extra["rng.torch"])
+        if "rng.cuda" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra["rng.cuda"])
+        opt = optimizer_state_from(extra, state["optimizer"]) if state.get("optimizer") else None
+        return read_safetensors(path / MODEL_FILE, "model weights"), opt, state

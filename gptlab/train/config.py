@@ -1,0 +1,100 @@
+"""TrainConfig and the papers' recipes (selected with one flag, overridable key by key)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from gptlab.errors import GptlabError
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = _f("gpt3", "recipe whose defaults fill unset keys: gpt1 | gpt3 | nanogpt")
+    # length
+    max_iters: int = _f(2000, "optimizer steps to run")
+    max_tokens: int = _f(0, "stop after this many training tokens (0 = off)")
+    # batch: global batch = batch_size × grad_accum × world_size sequences of block_size tokens
+    batch_size: int = _f(12, "micro-batch sequences per process")
+    block_size: int = _f(0, "sequence length; 0 = the model's context")
+    grad_accum: int = _f(1, "micro-steps per optimizer step at the full batch")
+    batch_warmup_tokens: int = _f(0, "GPT-3 batch warmup: grow the batch linearly over this many tokens (0 = off)")
+    batch_start_tokens: int = _f(32768, "batch size in tokens at the start of the batch warmup")
+    # optimizer (AdamW; no weight decay on biases and LayerNorm gains)
+    lr: float = _f(6e-4, "max learning rate")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of max (GPT-3: 0.1, GPT-1: 0)")
+    schedule: str = _f("cosine", "cosine | linear | constant decay after warmup")
+    warmup_iters: int = _f(100, "linear warmup steps (ignored when warmup_tokens > 0)")
+    warmup_tokens: int = _f(0, "linear warmup measured in tokens (GPT-3: 375M)")
+    decay_iters: int = _f(0, "steps until lr reaches min (0 = max_iters)")
+    decay_tokens: int = _f(0, "tokens until lr reaches min (GPT-3: 260B); used when > 0")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices and embeddings")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)")
+    # numerics and speed
+    dtype: str = _f("bfloat16", "autocast dtype: bfloat16 | float32")
+    compile: bool = _f(False, "torch.compile the model")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = _f(1337, "seed for init, data order and dropout")
+    # distributed (under torchrun)
+    distributed: str = _f("ddp", "ddp | fsdp (FSDP2 shards params, grads and optimizer state)")
+    # eval, logging, checkpoints
+    eval_interval: int = _f(250, "evaluate every N steps (0 = only at the end)")
+    eval_iters: int = _f(20, "batches per periodic eval (the final eval covers the whole val split)")
+    sample_interval: int = _f(0, "print a text sample every N steps (0 = off)")
+    sample_tokens: int = _f(100, "tokens per text sample")
+    log_interval: int = _f(10, "log loss/lr/tokens-per-second/MFU every N steps")
+    checkpoint_interval: int = _f(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    peak_flops: float = _f(0.0, "declared peak FLOP/s per device for MFU (0 = measure a matmul)")
+    tensorboard: bool = _f(False, "also log to TensorBoard (needs `pip install gptlab[tensorboard]`)")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32"):
+            raise GptlabError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise GptlabError(f"schedule must be cosine|linear|constant, got {self.schedule!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise GptlabError(f"distributed must be ddp|fsdp, got {self.distributed!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_iters < 0:
+            raise GptlabError("batch_size and grad_accum must be ≥ 1 and max_iters ≥ 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# GPT-1 (§4.1): Adam max lr 2.5e-4, linear warmup over 2000 updates then cosine to 0, decoupled L2 0.01
+# on non-bias/gain weights, batch 64 × 512. GPT-3 (Appendix B): β2 0.95, eps 1e-8, clip 1.0, wd 0.1,
+# warmup 375M tokens, cosine to 10% over 260B tokens, batch warmup from 32k tokens over the first
+# 4–12B tokens. nanogpt: Karpathy's shakespeare-char CPU recipe.
+RECIPES: dict[str, dict] = {
+    "gpt1": dict(lr=2.5e-4, warmup_iters=2000, warmup_tokens=0, min_lr_ratio=0.0, schedule="cosine",
+                 weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=0.0, batch_size=64,
+                 batch_warmup_tokens=0),
+    "gpt3": dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, min_lr_ratio=0.1,
+                 schedule="cosine", warmup_tokens=375_000_000, decay_tokens=260_000_000_000,
+                 batch_warmup_tokens=4_000_000_000, batch_start_tokens=32768),
+    "nanogpt": dict(lr=1e-3, min_lr_ratio=0.1, warmup_iters=100, warmup_tokens=0, decay_tokens=0, beta1=0.9,
+                    beta2=0.99, weight_decay=0.1, grad_clip=1.0, batch_warmup_tokens=0, batch_size=12),
+}
+
+
+def resolve_train_config(recipe: str, *layers: dict) -> TrainConfig:
+    """defaults ← RECIPES[recipe] ← each layer (YAML, then CLI) → TrainConfig."""
+    if recipe not in RECIPES:
+        raise GptlabError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    merged: dict = {"recipe": recipe, **RECIPES[recipe]}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for layer in layers:
+        unknown = set(layer) - known
+        if unknown:
+            raise GptlabError(f"unknown train config keys: {', '.join(sorted(unknown))}")
+        merged.update(layer)
+    merged["recipe"] = recipe
+    return TrainConfig(**merged)

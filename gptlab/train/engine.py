@@ -1,0 +1,174 @@
+"""The one training loop. Pretraining, fine-tuning, SFT and reward modelling all run through `Trainer`:
+a stage supplies the model, a batch function and a loss function; the engine owns the optimizer, the
+schedule, accumulation, mixed precision, data parallelism, logging, evaluation and checkpoints.
+
+Determinism: step s's global batch is a pure function of (seed, s), sample i of it goes to process
+i // batch_size % world at micro-step i // (batch_size·world), and RNG states are checkpointed, so a
+resumed run continues bit-exactly on CPU and N processes see the same data as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from gptlab.errors import GptlabError
+from gptlab.train import distributed as D
+from gptlab.train.checkpoint import CheckpointManager, load_state_into
+from gptlab.train.config import TrainConfig
+from gptlab.train.metrics import MetricsLogger, measure_peak_flops, plot_loss
+from gptlab.train.optim import accum_at, lr_at, make_optimizer
+
+BatchFn = Callable[[int, slice, int], tuple]  # (step, samples of the global batch, global batch size) -> tensors
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    x, y = batch
+    return model(x, y)[1]
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: Path, batch_fn: BatchFn, *,
+                 tokens_per_sample: int, loss_fn: LossFn = lm_loss,
+                 eval_fn: Callable[[torch.nn.Module, bool], dict] | None = None,
+                 sample_fn: Callable[[torch.nn.Module, int], str] | None = None,
+                 dist_info: D.DistInfo | None = None, device: torch.device | None = None, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.info = dist_info or D.DistInfo()
+        self.device = device or next(model.parameters()).device
+        self.raw = model  # unwrapped: what we save and evaluate
+        self.batch_fn, self.loss_fn, self.eval_fn, self.sample_fn = batch_fn, loss_fn, eval_fn, sample_fn
+        self.tokens_per_sample = tokens_per_sample
+        self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
+        self.step, self.tokens = 0, 0
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+                         else contextlib.nullcontext())
+
+        self.model = D.wrap_model(model, self.info, self.device, cfg.distributed)
+        self.opt = make_optimizer(self.model, cfg, self.device.type)
+        if resume:
+            self._resume()
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.metrics = MetricsLogger(self.run_dir, self.step if resume else None, cfg.tensorboard, self.info.is_main)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.ckpt.latest()
+        if path is None:
+            raise GptlabError(f"--resume: no checkpoint in {self.run_dir} (run without --resume to start)")
+        model_sd, opt_sd, state = self.ckpt.load(path)
+        if self.info.enabled and self.cfg.distributed == "fsdp":
+            D.load_sharded(self.model, self.opt, model_sd, opt_sd)
+        else:
+            load_state_into(self.raw, model_sd, path)
+            if opt_sd is not None:
+                self.opt.load_state_dict(opt_sd)
+        self.step, self.tokens = state["step"], state["tokens"]
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
+
+    def save(self, bad: torch.Tensor) -> None:
+        model_sd, opt_sd = D.full_state_dicts(self.model, self.opt, self.info, self.cfg.distributed)
+        if bad.item() or not all(torch.isfinite(v).all() for v in model_sd.values() if v.is_floating_point()):
+            raise GptlabError(f"loss or weights became NaN/inf by step {self.step}; stopped without saving. "
+                              f"The last good checkpoint is kept: {self.ckpt.latest() or 'none yet'}. "
+                              "Lower the learning rate or check the data, then --resume.")
+        if self.info.is_main:
+            if getattr(self.raw.cfg, "tie_embeddings", False):
+                model_sd = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
+            self.ckpt.save(self.step, self.raw, opt_sd, {"tokens": self.tokens},
+                           {k: v.detach().contiguous() for k, v in model_sd.items()})
+        D.barrier(self.info)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, final: bool = False) -> dict:
+        if self.eval_fn is None:
+            return {}
+        eval_model = self.raw if self.cfg.distributed == "ddp" else self.model
+        eval_model.eval()
+        with self.autocast:
+            out = self.eval_fn(eval_model, final)
+        self.model.train()
+        return out
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, info = self.cfg, self.info
+        B, world = cfg.batch_size, info.world
+        tokens_per_micro = B * self.tokens_per_sample * world
+        flops_per_token = self.raw.flops_per_token(self.tokens_per_sample) if hasattr(self.raw, "flops_per_token") else 0
+        peak = cfg.peak_flops or measure_peak_flops(
+            self.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        done = lambda: self.step >= cfg.max_iters or (cfg.max_tokens and self.tokens >= cfg.max_tokens)  # noqa: E731
+        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not info.is_main, dynamic_ncols=True,
+                   desc=self.run_dir.name)
+        last = {}
+        self.model.train()
+        t0, tok0 = time.perf_counter(), self.tokens
+        while not done():
+            accum = accum_at(cfg, self.tokens, tokens_per_micro)
+            lr = lr_at(cfg, self.step, self.tokens)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            n_global = B * accum * world
+            loss_sum = torch.zeros((), device=self.device)
+            for m in range(accum):
+                start = (m * world + info.rank) * B
+                batch = self.batch_fn(self.step, slice(start, start + B), n_global)
+                no_sync = info.enabled and cfg.distributed == "ddp" and m < accum - 1
+                with (self.model.no_sync() if no_sync else contextlib.nullcontext()), self.autocast:
+                    loss = self.loss_fn(self.model, batch)
+                (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            bad |= ~torch.isfinite(loss_sum)  # checked at log and save time: no per-step host sync
+            self.step += 1
+            self.tokens += n_global * self.tokens_per_sample
+            bar.update(1)
+
+            if self.step % cfg.log_interval == 0 or done():
+                loss_val = D.all_reduce_mean(loss_sum / accum, info).item()
+                if not math.isfinite(loss_val):
+                    self.save(bad)  # raises, keeping the last good checkpoint
+                dt = time.perf_counter() - t0
+                tps = (self.tokens - tok0) / max(dt, 1e-9)
+                mfu = flops_per_token * tps / (peak * world) if peak else 0.0
+                last = dict(loss=loss_val, lr=lr, tokens=self.tokens, tok_per_s=tps, mfu=mfu, batch_tokens=n_global * self.tokens_per_sample)
+                if grad_norm is not None:
+                    last["grad_norm"] = float(grad_norm)
+                self.metrics.log(self.step, **last)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                t0, tok0 = time.perf_counter(), self.tokens
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and not done():
+                ev = self.evaluate()
+                if ev:
+                    self.metrics.log(self.step, **ev)
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                t0, tok0 = time.perf_counter(), self.tokens  # eval time is not training throughput
+            if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.sample_fn and info.is_main:
+                with self.autocast:
+                    bar.write(f"--- sample at step {self.step} ---\n{self.sample_fn(self.raw, self.step)}\n---")
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and not done():
+                self.save(bad)
+        bar.close()
+        final = self.evaluate(final=True)
+        if final:
+            self.metrics.log(self.step, **final)
+        self.save(bad)
+        self.metrics.close()
+        if info.is_main:
+            plot_loss(self.metrics.path, self.run_dir / "loss.png")
+        return {**last, **final, "step": self.step}

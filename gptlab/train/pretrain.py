@@ -1,0 +1,101 @@
+"""Generative pretraining stage: prepared token shards + a preset + a recipe -> a run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from gptlab.data.loader import TokenData
+from gptlab.errors import GptlabError
+from gptlab.model import GPT, GPTConfig, preset
+from gptlab.run import check_vocab, read_run_config, write_run_config
+from gptlab.sample import sample
+from gptlab.train import distributed as D
+from gptlab.train.checkpoint import LATEST_FILE
+from gptlab.train.config import TrainConfig, resolve_train_config
+from gptlab.train.engine import Trainer
+
+
+def build_model_config(preset_name: str, model_overrides: dict, vocab_size: int) -> GPTConfig:
+    """Preset ← overrides; the vocabulary comes from the tokenizer unless set explicitly."""
+    overrides = dict(model_overrides)
+    overrides.setdefault("vocab_size", vocab_size)
+    return preset(preset_name, **overrides)
+
+
+@torch.no_grad()
+def _eval_loss(model: GPT, batches) -> float:
+    total, n = 0.0, 0
+    for x, y in batches:
+        _, loss = model(x, y)
+        total += loss.item() * x.numel()
+        n += x.numel()
+    return total / max(n, 1)
+
+
+def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", recipe: str = "gpt3",
+             model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
+             quiet: bool = False) -> dict:
+    data = TokenData(data_dir)
+    tok = data.tokenizer()
+    out = Path(out_dir)
+    if resume:  # the saved run config wins for the model; train keys may be changed (e.g. more steps)
+        saved = read_run_config(out)
+        model_cfg = GPTConfig.from_dict(saved["model"])
+        recipe = saved.get("train", {}).get("recipe", recipe)
+        train_layers = ({k: v for k, v in saved.get("train", {}).items() if k != "recipe"}, *train_layers)
+    else:
+        if (out / LATEST_FILE).exists():
+            raise GptlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        model_cfg = build_model_config(preset_name, model_overrides or {}, tok.vocab_size)
+    check_vocab(model_cfg, tok, "pretrain")
+    if data.vocab_size != tok.vocab_size:
+        raise GptlabError(f"data in {data_dir} was tokenized with vocab {data.vocab_size}, its tokenizer has {tok.vocab_size}")
+    cfg: TrainConfig = resolve_train_config(recipe, *train_layers)
+    T = cfg.block_size or model_cfg.block_size
+    if T > model_cfg.block_size:
+        raise GptlabError(f"train.block_size {T} exceeds the model context {model_cfg.block_size}")
+    cfg = dataclasses.replace(cfg, block_size=T)
+
+    info, device = D.init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    model = GPT(model_cfg).to(device)
+    if info.is_main:
+        write_run_config(out, model_cfg, tok, stage="pretrain", train=cfg.to_dict(),
+                         data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size})
+        if not quiet:
+            print(f"model: {preset_name if not resume else 'resumed'} · {model.num_params() / 1e6:.2f}M parameters · "
+                  f"{model_cfg.n_layer} layers × {model_cfg.n_embd} · context {model_cfg.block_size} · "
+                  f"vocab {model_cfg.vocab_size} · attention {','.join(model_cfg.attention)}")
+            print(f"train: recipe {cfg.recipe} · batch {cfg.batch_size}×{cfg.grad_accum}×{info.world} × {T} tokens · "
+                  f"lr {cfg.lr:g} · {cfg.max_iters} steps · {cfg.dtype} on {device}")
+    D.barrier(info)
+
+    eval_batches = data.fixed_eval_batches(cfg.eval_iters, cfg.batch_size, T, cfg.seed, device=device) \
+        if cfg.eval_iters else []
+
+    def batch_fn(step: int, sl: slice, n_global: int):
+        return data.get_batch(step, n_global, T, cfg.seed, sample_slice=sl, device=device)
+
+    def eval_fn(m: GPT, final: bool) -> dict:
+        if final:  # every val token predicted once, whatever eval_iters says
+            return {"val_loss": _eval_loss(m, data.iter_eval_windows(T, cfg.batch_size, device=device))}
+        return {"val_loss": _eval_loss(m, eval_batches)}
+
+    def sample_fn(m: GPT, step: int) -> str:
+        g = torch.Generator(device=device).manual_seed(cfg.seed + step)  # never touches the training RNG
+        start = torch.tensor([[tok.eot_id]], device=device)
+        return tok.decode(sample(m, start, cfg.sample_tokens, 0.8, 200, generator=g)[0, 1:].tolist())
+
+    trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
+                      dist_info=info, device=device, resume=resume)
+    result = trainer.fit()
+    if info.is_main and not quiet:
+        vl = result.get("val_loss", float("nan"))
+        print(f"done: step {result['step']} · val loss {vl:.4f} (ppl {math.exp(min(vl, 50)):.2f}) on the whole val split"
+              f" · run dir {out}")
+    D.cleanup(info)
+    return result
