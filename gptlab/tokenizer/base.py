@@ -1,0 +1,165 @@
+"""The tokenizer interface and the one on-disk format the project owns (``tokenizer.gptlab.json``).
+
+Every tokenizer maps text <-> ids, carries an ``<|endoftext|>`` special token (documents are joined
+with it), and saves itself to a small self-contained JSON file so a checkpoint can always be decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from gptlab.errors import GptlabError
+
+TOKENIZER_FILE = "tokenizer.gptlab.json"
+FORMAT = "gptlab-tokenizer"
+VERSION = 1
+EOT = "<|endoftext|>"
+
+AllowedSpecial = Literal["all"] | Collection[str]
+
+# kind -> class; filled by Tokenizer.__init_subclass__ so load_tokenizer needs no imports of subclasses.
+_KINDS: dict[str, type[Tokenizer]] = {}
+
+
+def as_id_list(ids: Iterable[int]) -> list[int]:
+    """Accept lists, tuples, numpy arrays and torch tensors alike (they all have .tolist())."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()  # type: ignore[union-attr]
+    return [int(i) for i in ids] if not isinstance(ids, list) else ids
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set ``kind`` and implement the abstract methods."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            _KINDS[cls.kind] = cls
+
+    # --- vocabulary -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (= largest id + 1): the model's embedding rows."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id (a copy; mutating it changes nothing)."""
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens[EOT]
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """Smallest unsigned dtype for token files: uint16 covers GPT-2's 50,257 ids."""
+        return np.dtype(np.uint16 if self.vocab_size <= 65536 else np.uint32)
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> set[str]:
+        """Normalise ``allowed_special``; unknown names are an error rather than silently ignored."""
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if isinstance(allowed_special, str):
+            raise GptlabError(f"allowed_special must be 'all' or a set of token strings, got {allowed_special!r}")
+        allowed = set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise GptlabError(f"unknown special tokens {sorted(unknown)}; known: {sorted(self.special_tokens)}")
+        return allowed
+
+    # --- encode / decode --------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Text -> ids. Special-token text is ordinary text unless listed in ``allowed_special``,
+        so user text can never inject ``<|endoftext|>`` by accident."""
+
+    def encode_batch(self, texts: Iterable[str], allowed_special: AllowedSpecial = ()) -> list[list[int]]:
+        return [self.encode(t, allowed_special) for t in texts]
+
+    @abstractmethod
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """Ids -> raw bytes (a BPE token can hold part of a UTF-8 character)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; broken UTF-8 (e.g. a sampled partial character) becomes U+FFFD, never an error."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- persistence ------------------------------------------------------------------------
+    @abstractmethod
+    def _fields(self) -> dict[str, Any]:
+        """Kind-specific JSON fields (everything except format/version/kind)."""
+
+    @classmethod
+    @abstractmethod
+    def _from_fields(cls, d: dict[str, Any]) -> Tokenizer:
+        """Inverse of ``_fields``; may raise KeyError/TypeError/ValueError on malformed input."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, **self._fields()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer. A path ending in ``.json`` is the file; anything else is a directory
+        (created if needed) that receives ``tokenizer.gptlab.json``. Returns the file written."""
+        p = Path(path)
+        if p.is_dir() or p.suffix != ".json":
+            p = p / TOKENIZER_FILE
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")  # write-then-rename: never leave a half-written file
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=True), encoding="utf-8")
+        tmp.replace(p)
+        return p
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a ``tokenizer.gptlab.json`` file, or a directory containing one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise GptlabError(f"tokenizer file not found: {p}")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise GptlabError(f"{p}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise GptlabError(f"{p}: not a gptlab tokenizer file (expected \"format\": \"{FORMAT}\")")
+    if d.get("version") != VERSION:
+        raise GptlabError(f"{p}: unsupported tokenizer file version {d.get('version')!r} (this gptlab reads {VERSION})")
+    kind = d.get("kind")
+    if kind not in _KINDS:
+        raise GptlabError(f"{p}: unknown tokenizer kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
+    try:
+        return _KINDS[kind]._from_fields(d)
+    except GptlabError as e:
+        raise GptlabError(f"{p}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise GptlabError(f"{p}: malformed {kind} tokenizer ({type(e).__name__}: {e})") from None
+
+
+def check_special_tokens(special_tokens: dict[str, int], n_regular: int) -> dict[str, int]:
+    """Special ids must be ints, distinct, outside 0..n_regular-1, and include <|endoftext|>."""
+    if not isinstance(special_tokens, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in special_tokens.items()
+    ):
+        raise GptlabError("special_tokens must map strings to integer ids")
+    if EOT not in special_tokens:
+        raise GptlabError(f"special_tokens must contain {EOT}")
+    ids = list(special_tokens.values())
+    if len(set(ids)) != len(ids) or min(ids) < n_regular:
+        raise GptlabError(f"special token ids must be distinct and >= {n_regular}, got {special_tokens}")
+    return dict(special_tokens)
