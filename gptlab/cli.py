@@ -54,13 +54,16 @@ def _cmd_pretrain(a) -> None:
 
     y = load_yaml(a.config)
     unknown = set(y) - {"data", "out", "preset", "recipe", "model", "train"}
+    for section in ("model", "train"):
+        if not isinstance(y.get(section) or {}, dict):
+            raise GptlabError(f"{a.config}: '{section}' must be a mapping of keys to values")
     if unknown:
         raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (expected data, out, preset, recipe, model, train)")
     data, out = a.data or y.get("data"), a.out or y.get("out")
     if not data or not out:
         raise GptlabError("pretrain needs --data (a prepared data dir) and --out (the run dir)")
     model_over = {**(y.get("model") or {}), **collect_overrides(a, GPTConfig, "model")}
-    pretrain(data, out, preset_name=a.preset or y.get("preset", "small-4x128"), recipe=a.recipe or y.get("recipe", "gpt3"),
+    pretrain(data, out, preset_name=a.preset or y.get("preset", "small-4x128"), recipe=a.recipe or y.get("recipe", "nanogpt"),
              model_overrides=model_over, train_layers=(y.get("train") or {}, collect_overrides(a, TrainConfig, "train")),
              resume=a.resume)
 
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--data", help="prepared data directory (gptlab prepare)")
     pt.add_argument("--out", help="run directory")
     pt.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} [default: small-4x128]")
-    pt.add_argument("--recipe", help=f"training recipe: {', '.join(RECIPES)} [default: gpt3]")
+    pt.add_argument("--recipe", help=f"training recipe: {', '.join(RECIPES)} [default: nanogpt, sized for short runs; "
+                                     "gpt1/gpt3 use the papers' schedules, sized for billions of tokens]")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_dataclass_args(pt, GPTConfig, "model")
     add_dataclass_args(pt, TrainConfig, "train")

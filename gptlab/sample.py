@@ -13,6 +13,13 @@ def sample(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: floa
     """idx (B, T) -> (B, T + new). Crops the context to the model's block size."""
     was_training = model.training
     model.eval()
+    try:
+        return _sample(model, idx, max_new_tokens, temperature, top_k, generator, stop_id)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, idx, max_new_tokens, temperature, top_k, generator, stop_id):
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.cfg.block_size:])
         logits = logits[:, -1, :].float()  # (B, V)
@@ -27,5 +34,4 @@ def sample(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: floa
         idx = torch.cat([idx, nxt], dim=1)
         if stop_id is not None and (nxt == stop_id).all():
             break
-    model.train(was_training)
     return idx

@@ -109,8 +109,12 @@ def test_forward_shapes_loss_and_context_limit():
     torch.manual_seed(0)
     m = GPT(preset("tiny", vocab_size=64))
     x = torch.randint(0, 64, (3, 16))
-    logits, loss = m(x, torch.randint(0, 64, (3, 16)))
+    logits, _ = m(x)
     assert logits.shape == (3, 16, 64)
+    y = torch.randint(0, 64, (3, 16))
+    none, loss = m(x, y)
+    assert none is None  # the training path never materialises logits
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 64), y.view(-1)))
     assert loss.item() == pytest.approx(math.log(64), rel=0.05)  # near-uniform at init
     with pytest.raises(ValueError, match="exceeds the context"):
         m(torch.zeros(1, 65, dtype=torch.long))

@@ -88,7 +88,8 @@ def test_no_weight_decay_on_biases_and_gains():
 
 
 # --- resume, checkpoints, bad input ----------------------------------------------------------------
-def test_resume_is_bit_exact(char_data, tmp_path):
+def test_resume_is_bit_exact(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))  # MFU's peak is measured: must not touch the RNG
     # the schedule is pinned to 20 steps, so the 10-step run is the first half of the 20-step one
     _train(char_data, tmp_path / "straight", 20, decay_iters=20)
     _train(char_data, tmp_path / "split", 10, decay_iters=20)
@@ -103,6 +104,44 @@ def test_resume_is_bit_exact(char_data, tmp_path):
     assert (tmp_path / "split" / "loss.png").stat().st_size > 1000
 
 
+def test_resuming_a_finished_run_keeps_its_checkpoint(char_data, tmp_path):
+    _train(char_data, tmp_path / "r", 4)
+    before = (tmp_path / "r" / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    _train(char_data, tmp_path / "r", 4, resume=True)
+    assert (tmp_path / "r" / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes() == before
+
+
+def test_compiled_training_saves_plain_keys(char_data, tmp_path):
+    _train(char_data, tmp_path / "c", 0, compile=True)  # no step: saving must not see torch.compile's wrapper
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        assert "wte.weight" in f.keys() and not any(k.startswith("_orig_mod") for k in f.keys())
+
+
+def test_resume_with_data_from_another_tokenizer_is_refused(char_data, tmp_path):
+    _train(char_data, tmp_path / "r", 2)
+    (tmp_path / "other.txt").write_text("completely different characters: 0123456789 xyz!" * 50)
+    prepare(str(tmp_path / "other.txt"), str(tmp_path / "other"), tokenizer="char", progress=False)
+    with pytest.raises(GptlabError, match="different tokenizer"):
+        _train(tmp_path / "other", tmp_path / "r", 4, resume=True)
+
+
+def test_yaml_config_values_are_typed_and_checked(char_data, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {char_data}\nout: {tmp_path / 'y'}\npreset: tiny\nmodel: {{n_layer: 1, block_size: 32}}\n"
+                   "train: {lr: 6e-4, max_iters: 2e0, warmup_iters: 1, block_size: 32, batch_size: 2, eval_iters: 1}\n")
+    assert cli_main(["pretrain", "--config", str(cfg)]) == 0
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["train"]["lr"] == 6e-4
+    capsys.readouterr()
+    for bad, match in [("model: {n_layers: 2}", "unknown model config keys"), ("train: {log_interval: 0}", "log_interval"),
+                       ("train: {device: gpu0}", "device"), ("train: {lr: fast}", "train.lr")]:
+        cfg.write_text(f"data: {char_data}\nout: {tmp_path / 'z'}\n{bad}\n")
+        assert cli_main(["pretrain", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1
+
+
 def test_existing_run_is_never_overwritten_without_resume(char_data, tmp_path):
     _train(char_data, tmp_path / "r", 2)
     with pytest.raises(GptlabError, match="already holds a run"):
@@ -112,8 +151,8 @@ def test_existing_run_is_never_overwritten_without_resume(char_data, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(char_data, tmp_path):
     _train(char_data, tmp_path / "r", 10)
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
-    with pytest.raises(GptlabError, match="NaN"):
-        _train(char_data, tmp_path / "r", 30, resume=True, lr=1e6)
+    with pytest.raises(GptlabError, match="NaN"):  # caught before a sample or eval would use NaN weights
+        _train(char_data, tmp_path / "r", 30, resume=True, lr=1e6, log_interval=5, sample_interval=1, sample_tokens=4)
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
     assert CheckpointManager(tmp_path / "r").latest().name == "step_0000010"
     assert torch.isfinite(load_run(tmp_path / "r").model.wte.weight).all()
@@ -184,7 +223,7 @@ def test_two_processes_match_one_with_same_global_batch(char_data, tmp_path, mod
     subprocess.run(one, check=True, capture_output=True, env=env, cwd=REPO, timeout=300)
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gptlab", "pretrain", *common, "--out", str(tmp_path / "two"), "--train.batch_size", "2",
-           "--train.distributed", mode]
+           "--train.distributed", mode, "--train.sample_interval", "4", "--train.sample_tokens", "5"]
     proc = subprocess.run(two, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")

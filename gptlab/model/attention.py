@@ -82,9 +82,11 @@ def attend(q, k, v, kind: str, cfg: GPTConfig, q_offset: int = 0, kv_offset: int
     T, S, dev = q.size(2), k.size(2), q.device
     key = (kind, cfg.local_window, cfg.sparse_stride, cfg.sparse_c, q_offset, kv_offset, T, S, dev)
     if backend == "auto":
-        # FlexAttention needs torch.compile for a fused kernel; on CPU the exact boolean-mask SDPA is faster
-        # unless the whole model is compiled. Dropout inside attention is SDPA-only.
-        backend = "flex" if (kind != "dense" and dev.type == "cuda" and not (training and dropout_p > 0)) else "sdpa"
+        # FlexAttention needs torch.compile for a fused kernel: worth it for training on CUDA, where shapes
+        # are fixed. On CPU, and for inference (a new length per decoded token would recompile), the exact
+        # boolean-mask SDPA is used. Dropout inside attention is SDPA-only.
+        use_flex = kind != "dense" and dev.type == "cuda" and torch.is_grad_enabled() and not (training and dropout_p > 0)
+        backend = "flex" if use_flex else "sdpa"
     if backend == "naive":
         return naive_attention(q, k, v, _cached_bool_mask(*key), dropout_p, training)
     if backend == "flex":

@@ -130,4 +130,6 @@ PAPER_PARAMS = {
 def preset(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
         raise GptlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return GPTConfig(**{**PRESETS[name], **overrides})
+    from gptlab.train.config import coerce_fields
+
+    return GPTConfig(**{**PRESETS[name], **coerce_fields(GPTConfig, overrides, "model")})

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from gptlab.model.attention import CausalSelfAttention
 from gptlab.model.config import GPTConfig
+from gptlab.model.loss import linear_cross_entropy
 
 
 class MLP(nn.Module):
@@ -97,15 +98,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos_offset: int = 0,
                 ignore_index: int = -100):
-        """Returns (logits (B, T, V), loss or None). Loss is mean cross-entropy over non-ignored targets."""
-        logits = self.lm_head(self.hidden(idx, pos_offset))
+        """Without targets: (logits (B, T, V), None). With targets: (None, mean cross-entropy over targets
+        != ignore_index), computed by the fused linear + cross-entropy that never materialises the logits."""
+        h = self.hidden(idx, pos_offset)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-        return logits, loss
+            return self.lm_head(h), None
+        return None, linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6·N (weights, fwd+bwd) + 12·L·H·D·T (attention scores), as in PaLM's MFU."""
         cfg, T = self.cfg, seq_len or self.cfg.block_size
         n = self.num_params(include_position=False)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        # keys seen per query, per layer: all T for dense layers, the band for local ones (others ~ dense)
+        seen = sum(min(T, cfg.local_window) if cfg.layer_attention(i) == "local" else T for i in range(cfg.n_layer))
+        return 6 * n + 12 * cfg.n_head * cfg.head_dim * seen

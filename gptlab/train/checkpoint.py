@@ -49,6 +49,20 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -133,37 +147,34 @@ class CheckpointManager:
         self.run_dir, self.keep_last = Path(run_dir), max(1, keep_last)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-    def save(self, step: int, model: torch.nn.Module, opt_sd: dict | None, state: dict,
-             model_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    def save(self, step: int, opt_sd: dict | None, state: dict, model_sd: dict[str, torch.Tensor],
+             extra: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write checkpoints/step_N (weights, optimizer + `extra` tensors such as RNG states, state.json),
+        then the top-level weights, then latest.json: each step atomic, the previous one intact until then."""
         final = self.ckpt_dir / f"step_{step:07d}"
         tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        msd = model_sd if model_sd is not None else model_state(model)
-        save_file(msd, str(tmp / MODEL_FILE), metadata={"format": "gptlab"})
-        extra = {"rng.torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            extra["rng.cuda"] = torch.cuda.get_rng_state()
-        opt_meta = None
-        if opt_sd is not None:
-            tensors, opt_meta = optimizer_tensors(opt_sd)
-            extra.update(tensors)
-        save_file(extra, str(tmp / "optimizer.safetensors"))
+        save_file(model_sd, str(tmp / MODEL_FILE), metadata={"format": "gptlab"})
+        tensors, opt_meta = optimizer_tensors(opt_sd) if opt_sd is not None else ({}, None)
+        save_file({**(extra or {}), **tensors}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # a stale folder from a crash after its rename but before latest.json moved
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        # top-level weights for every other command, then the pointer: each step atomic
+        _fsync_dir(self.ckpt_dir)
         atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
         atomic_write_json(self.run_dir / LATEST_FILE, {"step": step, "checkpoint": final.name})
-        self._prune()
+        _fsync_dir(self.run_dir)
+        self._prune(keep=final)
         return final
 
-    def _prune(self) -> None:
-        steps = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in steps[: -self.keep_last]:
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p != keep)
+        for old in steps[: max(0, len(steps) - (self.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
@@ -174,12 +185,10 @@ class CheckpointManager:
             raise GptlabError(f"latest checkpoint {path} is missing; the run directory was modified by hand")
         return path
 
-    def load(self, path: Path) -> tuple[dict, dict | None, dict]:
-        """-> (model state dict, optimizer state dict or None, state.json) and restores RNG states."""
+    def load(self, path: Path) -> tuple[dict, dict | None, dict, dict[str, torch.Tensor]]:
+        """-> (model state dict, optimizer state dict or None, state.json, extra tensors such as RNG states)."""
         state = read_json(path / "state.json", "trainer state")
         extra = read_safetensors(path / "optimizer.safetensors", "optimizer state")
-        torch.set_rng_state(extra["rng.torch"])
-        if "rng.cuda" in extra and torch.cuda.is_available():
-            torch.cuda.set_rng_state(extra["rng.cuda"])
         opt = optimizer_state_from(extra, state["optimizer"]) if state.get("optimizer") else None
-        return read_safetensors(path / MODEL_FILE, "model weights"), opt, state
+        extra = {k: v for k, v in extra.items() if not k.startswith("opt|")}
+        return read_safetensors(path / MODEL_FILE, "model weights"), opt, state, extra

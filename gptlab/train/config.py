@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+
+import torch
 
 from gptlab.errors import GptlabError
 
@@ -62,8 +65,12 @@ class TrainConfig:
             raise GptlabError(f"schedule must be cosine|linear|constant, got {self.schedule!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise GptlabError(f"distributed must be ddp|fsdp, got {self.distributed!r}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_iters < 0:
-            raise GptlabError("batch_size and grad_accum must be ≥ 1 and max_iters ≥ 0")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_iters < 0 or self.log_interval < 1:
+            raise GptlabError("batch_size, grad_accum and log_interval must be ≥ 1 and max_iters ≥ 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise GptlabError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GptlabError(f"device {self.device} requested but no CUDA GPU is available")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,9 +99,28 @@ def resolve_train_config(recipe: str, *layers: dict) -> TrainConfig:
     merged: dict = {"recipe": recipe, **RECIPES[recipe]}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for layer in layers:
-        unknown = set(layer) - known
-        if unknown:
-            raise GptlabError(f"unknown train config keys: {', '.join(sorted(unknown))}")
-        merged.update(layer)
+        merged.update(coerce_fields(TrainConfig, layer, "train"))
     merged["recipe"] = recipe
     return TrainConfig(**merged)
+
+
+def coerce_fields(cls, values: dict, section: str) -> dict:
+    """Check keys against a dataclass and coerce values (YAML reads `6e-4` as a string) to field types."""
+    from gptlab.config import parse_value
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise GptlabError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
+    out = {}
+    for k, v in values.items():
+        default = fields[k].default
+        if isinstance(default, tuple) and isinstance(v, list):
+            v = tuple(v)
+        elif not isinstance(v, type(default)) or (type(default) is int and isinstance(v, bool)):
+            try:
+                v = parse_value(default, str(v))
+            except GptlabError as e:
+                raise GptlabError(f"{section}.{k}: {e}") from None
+        out[k] = v
+    return out

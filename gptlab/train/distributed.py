@@ -64,11 +64,9 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, mode: str
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def full_state_dicts(model: nn.Module, optimizer, info: DistInfo, mode: str):
-    """(model state dict, optimizer state dict) gathered in full on every rank; plain state_dicts when not sharded."""
-    if not (info.enabled and mode == "fsdp"):
-        raw = model.module if hasattr(model, "module") else model
-        return raw.state_dict(), optimizer.state_dict()
+def full_state_dicts(model: nn.Module, optimizer):
+    """Full (unsharded) model and optimizer state dicts of an FSDP2 model, on CPU. Only rank 0 receives
+    them (the others get empty dicts): rank 0 writes the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -88,6 +86,22 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= info.world
     return t
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """One small picklable object from every rank (e.g. RNG states), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

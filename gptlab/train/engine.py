@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import tune_cpu_allocator
 from gptlab.train import distributed as D
 from gptlab.train.checkpoint import CheckpointManager, load_state_into
 from gptlab.train.config import TrainConfig
@@ -51,10 +52,16 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else contextlib.nullcontext())
 
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
+        self.sharded = self.info.enabled and cfg.distributed == "fsdp"
         self.model = D.wrap_model(model, self.info, self.device, cfg.distributed)
+        self.raw_ddp = self.model  # the DDP wrapper (for no_sync) before any torch.compile
         self.opt = make_optimizer(self.model, cfg, self.device.type)
         if resume:
             self._resume()
+        else:  # dropout differs across ranks; init (seeded by the caller) was identical
+            torch.manual_seed(cfg.seed + self.info.rank)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.metrics = MetricsLogger(self.run_dir, self.step if resume else None, cfg.tensorboard, self.info.is_main)
@@ -64,28 +71,59 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             raise GptlabError(f"--resume: no checkpoint in {self.run_dir} (run without --resume to start)")
-        model_sd, opt_sd, state = self.ckpt.load(path)
-        if self.info.enabled and self.cfg.distributed == "fsdp":
+        model_sd, opt_sd, state, extra = self.ckpt.load(path)
+        mode = "fsdp" if self.sharded else "replicated"
+        if state.get("mode", "replicated") != mode:
+            raise GptlabError(f"{path} was written by a {state.get('mode')} run; resume it with the same "
+                              f"--train.distributed setting (this run is {mode})")
+        if self.sharded:
             D.load_sharded(self.model, self.opt, model_sd, opt_sd)
         else:
             load_state_into(self.raw, model_sd, path)
             if opt_sd is not None:
                 self.opt.load_state_dict(opt_sd)
+        for g in self.opt.param_groups:  # hyper-parameters come from this run's config, not the checkpoint
+            g.update(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps)
+            g["weight_decay"] = self.cfg.weight_decay if g["weight_decay"] else 0.0
+        rng = extra.get(f"rng.torch.{self.info.rank}", extra.get("rng.torch.0"))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        cuda_rng = extra.get(f"rng.cuda.{self.info.rank}")
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         self.step, self.tokens = state["step"], state["tokens"]
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
-    def save(self, bad: torch.Tensor) -> None:
-        model_sd, opt_sd = D.full_state_dicts(self.model, self.opt, self.info, self.cfg.distributed)
-        if bad.item() or not all(torch.isfinite(v).all() for v in model_sd.values() if v.is_floating_point()):
+    def _state_dicts(self):
+        if self.sharded:
+            return D.full_state_dicts(self.raw, self.opt)
+        return self.raw.state_dict(), self.opt.state_dict()
+
+    def check_finite(self, bad: torch.Tensor, weights: dict | None = None) -> None:
+        """Raise on every rank together if any rank saw a non-finite loss (or rank 0 non-finite weights)."""
+        flag = bad.float()
+        if weights is not None and not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+            flag = torch.ones_like(flag)
+        if D.all_reduce_max(flag, self.info).item():
             raise GptlabError(f"loss or weights became NaN/inf by step {self.step}; stopped without saving. "
                               f"The last good checkpoint is kept: {self.ckpt.latest() or 'none yet'}. "
                               "Lower the learning rate or check the data, then --resume.")
+
+    def save(self, bad: torch.Tensor) -> None:
+        latest = self.ckpt.latest()
+        if latest is not None and latest.name == f"step_{self.step:07d}":
+            return  # nothing trained since that checkpoint (e.g. resuming a finished run)
+        model_sd, opt_sd = self._state_dicts()
+        self.check_finite(bad, model_sd)
+        rngs = D.gather_objects(torch.get_rng_state(), self.info)
+        cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
         if self.info.is_main:
             if getattr(self.raw.cfg, "tie_embeddings", False):
                 model_sd = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
-            self.ckpt.save(self.step, self.raw, opt_sd, {"tokens": self.tokens},
-                           {k: v.detach().contiguous() for k, v in model_sd.items()})
+            extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
+            self.ckpt.save(self.step, opt_sd, {"tokens": self.tokens, "mode": "fsdp" if self.sharded else "replicated"},
+                           {k: v.detach().contiguous() for k, v in model_sd.items()}, extra)
         D.barrier(self.info)
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -93,7 +131,7 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict:
         if self.eval_fn is None:
             return {}
-        eval_model = self.raw if self.cfg.distributed == "ddp" else self.model
+        eval_model = self.model if self.sharded else self.raw  # FSDP's forward all-gathers on every rank
         eval_model.eval()
         with self.autocast:
             out = self.eval_fn(eval_model, final)
@@ -126,8 +164,11 @@ class Trainer:
             for m in range(accum):
                 start = (m * world + info.rank) * B
                 batch = self.batch_fn(self.step, slice(start, start + B), n_global)
-                no_sync = info.enabled and cfg.distributed == "ddp" and m < accum - 1
-                with (self.model.no_sync() if no_sync else contextlib.nullcontext()), self.autocast:
+                last_micro = m == accum - 1
+                if self.sharded:  # reduce-scatter gradients once per step, not per micro-step
+                    self.raw.set_requires_gradient_sync(last_micro)
+                no_sync = info.enabled and not self.sharded and not last_micro
+                with (self.raw_ddp.no_sync() if no_sync else contextlib.nullcontext()), self.autocast:
                     loss = self.loss_fn(self.model, batch)
                 (loss / accum).backward()
                 loss_sum += loss.detach().float()
@@ -142,7 +183,7 @@ class Trainer:
             if self.step % cfg.log_interval == 0 or done():
                 loss_val = D.all_reduce_mean(loss_sum / accum, info).item()
                 if not math.isfinite(loss_val):
-                    self.save(bad)  # raises, keeping the last good checkpoint
+                    self.check_finite(torch.ones((), dtype=torch.bool, device=self.device))
                 dt = time.perf_counter() - t0
                 tps = (self.tokens - tok0) / max(dt, 1e-9)
                 mfu = flops_per_token * tps / (peak * world) if peak else 0.0
@@ -152,18 +193,29 @@ class Trainer:
                 self.metrics.log(self.step, **last)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
                 t0, tok0 = time.perf_counter(), self.tokens
+            side_work = False  # eval, samples and saves are not training throughput
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and not done():
+                self.check_finite(bad)
                 ev = self.evaluate()
                 if ev:
                     self.metrics.log(self.step, **ev)
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                t0, tok0 = time.perf_counter(), self.tokens  # eval time is not training throughput
-            if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.sample_fn and info.is_main:
-                with self.autocast:
-                    bar.write(f"--- sample at step {self.step} ---\n{self.sample_fn(self.raw, self.step)}\n---")
+                side_work = True
+            if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.sample_fn:
+                self.check_finite(bad)
+                if info.is_main or self.sharded:  # FSDP's forward needs every rank
+                    with torch.no_grad(), self.autocast:
+                        text = self.sample_fn(self.model if self.sharded else self.raw, self.step)
+                    if info.is_main:
+                        bar.write(f"--- sample at step {self.step} ---\n{text}\n---")
+                side_work = True
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and not done():
                 self.save(bad)
+                side_work = True
+            if side_work:
+                t0, tok0 = time.perf_counter(), self.tokens
         bar.close()
+        self.check_finite(bad)
         final = self.evaluate(final=True)
         if final:
             self.metrics.log(self.step, **final)

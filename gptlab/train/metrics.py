@@ -25,8 +25,8 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in _parse_lines(self.path.read_text()) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,9 +50,19 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _parse_lines(text: str) -> list[dict]:
+    out = []
+    for ln in text.splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return out
+
+
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return _parse_lines(path.read_text()) if path.exists() else []
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -99,8 +109,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
         known = {}
     if key in known:
         return float(known[key])
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not randn: the training RNG stays untouched
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -113,8 +123,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     flops = 2 * n**3 * iters / (time.perf_counter() - t0)
     known[key] = flops
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=1))
+        from gptlab.train.checkpoint import atomic_write_json
+
+        atomic_write_json(cache, known)
     except OSError:
         pass
     return flops

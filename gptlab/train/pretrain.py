@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig, preset
 from gptlab.run import check_vocab, read_run_config, write_run_config
 from gptlab.sample import sample
+from gptlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.train.checkpoint import LATEST_FILE
 from gptlab.train.config import TrainConfig, resolve_train_config
@@ -44,6 +47,10 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
     out = Path(out_dir)
     if resume:  # the saved run config wins for the model; train keys may be changed (e.g. more steps)
         saved = read_run_config(out)
+        saved_tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
+        if saved_tok.to_dict() != tok.to_dict():
+            raise GptlabError(f"{data_dir} was tokenized with a different tokenizer than the run in {out}; "
+                              "resume with the data the run was trained on")
         model_cfg = GPTConfig.from_dict(saved["model"])
         recipe = saved.get("train", {}).get("recipe", recipe)
         train_layers = ({k: v for k, v in saved.get("train", {}).items() if k != "recipe"}, *train_layers)
@@ -60,6 +67,7 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
         raise GptlabError(f"train.block_size {T} exceeds the model context {model_cfg.block_size}")
     cfg = dataclasses.replace(cfg, block_size=T)
 
+    _warn_if_schedule_outlasts_run(cfg, T)
     info, device = D.init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # same init on every rank
     model = GPT(model_cfg).to(device)
@@ -90,12 +98,27 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
         start = torch.tensor([[tok.eot_id]], device=device)
         return tok.decode(sample(m, start, cfg.sample_tokens, 0.8, 200, generator=g)[0, 1:].tolist())
 
-    trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
-                      dist_info=info, device=device, resume=resume)
-    result = trainer.fit()
+    try:
+        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
+                          dist_info=info, device=device, resume=resume)
+        result = trainer.fit()
+    finally:
+        D.cleanup(info)
     if info.is_main and not quiet:
         vl = result.get("val_loss", float("nan"))
         print(f"done: step {result['step']} · val loss {vl:.4f} (ppl {math.exp(min(vl, 50)):.2f}) on the whole val split"
               f" · run dir {out}")
-    D.cleanup(info)
     return result
+
+
+def _warn_if_schedule_outlasts_run(cfg: TrainConfig, T: int) -> None:
+    """The papers' schedules are sized for 300B-token runs; on a short run they never leave warmup."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run_tokens = cfg.max_tokens or cfg.max_iters * cfg.batch_size * cfg.grad_accum * world * T
+    long = [f"{k}={getattr(cfg, k):,}" for k in ("warmup_tokens", "batch_warmup_tokens") if getattr(cfg, k) > run_tokens]
+    if cfg.warmup_tokens == 0 and cfg.warmup_iters >= cfg.max_iters > 0:
+        long.append(f"warmup_iters={cfg.warmup_iters:,}")
+    if long and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: recipe {cfg.recipe}: {', '.join(long)} exceeds this run ({run_tokens:,} tokens, "
+              f"{cfg.max_iters:,} steps), so the learning rate never reaches its maximum; override these keys "
+              "for short runs (e.g. --train.warmup_tokens, --train.decay_tokens, --train.warmup_iters)", file=sys.stderr)
