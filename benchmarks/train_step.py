@@ -1,7 +1,9 @@
 """Throughput of one full training step (forward, backward, clip, AdamW) of a preset, on random tokens.
 
-Measures the fp32 eager baseline and gptlab's configuration (bf16 autocast, optionally torch.compile) in
-the same process, and prints tokens/s, the ratio, and MFU against the bf16 matmul peak measured here.
+Measures, in this one invocation (each configuration in a fresh process), the plain PyTorch fp32 eager
+baseline and gptlab's configuration (bf16 autocast, fused linear+cross-entropy, the tuned CPU allocator;
+optionally torch.compile), and prints tokens/s, the ratio, and MFU against the bf16 matmul peak
+measured here.
 
     python benchmarks/train_step.py --preset gpt2 --batch 4 --seq 256
 """
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -42,6 +47,18 @@ def time_steps(model: GPT, dtype: str, compile_: bool, B: int, T: int, steps: in
     return times
 
 
+def worker(a) -> None:
+    """One configuration in a fresh process, so the plain baseline keeps glibc's default allocator."""
+    if a.tune:
+        from gptlab.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = GPT(preset(a.preset, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+    times = time_steps(model, a.dtype, a.compile, a.batch, a.seq, a.steps, a.warmup)
+    print(json.dumps({"ms": 1e3 * statistics.median(times)}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2")
@@ -50,27 +67,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also measure bf16 + torch.compile")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    torch.manual_seed(0)
-    model = GPT(preset(a.preset, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if a.worker:
+        return worker(a)
+    with torch.device("meta"):
+        model = GPT(preset(a.preset))
     tokens = a.batch * a.seq
     flops_tok = model.flops_per_token(a.seq)
     peak = measure_peak_flops(torch.device("cpu"), torch.bfloat16)
     print(f"{a.preset}: {model.num_params() / 1e6:.1f}M params, batch {a.batch} × {a.seq}, {torch.get_num_threads()} threads, "
           f"{flops_tok / 1e6:.0f} MFLOP/token, measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s")
-    configs = [("float32", False), ("bfloat16", False)] + ([("bfloat16", True)] if a.compile else [])
+    # (label, dtype, gptlab's allocator tuning, compile); the first is the plain PyTorch baseline
+    configs = [("fp32 eager, plain PyTorch", "float32", False, False),
+               ("fp32 eager, gptlab allocator", "float32", True, False),
+               ("bf16 eager, gptlab", "bfloat16", True, False)]
+    if a.compile:
+        configs.append(("bf16 compiled, gptlab", "bfloat16", True, True))
     results = {}
-    for dtype, comp in configs:
-        model.load_state_dict(state)
-        times = time_steps(model, dtype, comp, a.batch, a.seq, a.steps, a.warmup)
-        med = statistics.median(times)
-        results[(dtype, comp)] = tokens / med
-        print(f"  {dtype:9s} {'compiled' if comp else 'eager':8s} {med * 1e3:8.0f} ms/step {tokens / med:8.0f} tok/s  "
-              f"MFU {100 * flops_tok * tokens / med / peak:5.1f}% (of bf16 peak)")
-    base = results[("float32", False)]
-    best = max(v for k, v in results.items() if k[0] == "bfloat16")
-    print(f"speed-up over fp32 eager in this run: {best / base:.2f}× (target ≥ 3×): {'MET' if best >= 3 * base else 'NOT MET'}")
+    for label, dtype, tune, comp in configs:
+        cmd = [sys.executable, __file__, "--worker", "--preset", a.preset, "--batch", str(a.batch), "--seq", str(a.seq),
+               "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", dtype] + ["--tune"] * tune + ["--compile"] * comp
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        ms = json.loads(out)["ms"]
+        results[label] = tokens / (ms / 1e3)
+        print(f"  {label:30s} {ms:8.0f} ms/step {results[label]:8.0f} tok/s  "
+              f"MFU {100 * flops_tok * results[label] / peak:5.1f}% (of the bf16 peak)")
+    base = results[configs[0][0]]
+    best = max(v for k, v in results.items() if "gptlab" in k and "bf16" in k)
+    print(f"speed-up of gptlab bf16 over plain fp32 eager in this run: {best / base:.2f}× (target ≥ 3×): "
+          f"{'MET' if best >= 3 * base else 'NOT MET'}")
 
 
 if __name__ == "__main__":

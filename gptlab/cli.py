@@ -91,6 +91,80 @@ def _cmd_sample(a) -> None:
             print("-" * 40)
 
 
+def _sampling_params(a):
+    from gptlab.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                          no_repeat_ngram_size=a.no_repeat_ngram_size, stop=tuple(a.stop), seed=a.seed,
+                          num_beams=a.num_beams, length_penalty=a.length_penalty, strict=a.strict)
+
+
+def _load_generator(a):
+    import torch
+
+    from gptlab.generate import Generator
+    from gptlab.run import load_run
+
+    run = load_run(a.run_dir, device=a.device)
+    return run, Generator(run.model, run.tokenizer, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
+
+
+def _cmd_generate(a) -> None:
+    import warnings
+
+    params = _sampling_params(a)
+    prompts = [a.prompt] if a.prompt is not None else []
+    if a.file:
+        try:
+            text = Path(a.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"cannot read prompts from {a.file}: {e}") from None
+        prompts += [ln for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        prompts = [""]
+    _, gen = _load_generator(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *rest: print(f"warning: {msg}", file=sys.stderr)
+        if a.stream:
+            for i, pr in enumerate(prompts):
+                for k in range(a.num_samples):
+                    p = params if params.seed is None else _replace_seed(params, params.seed + k)
+                    sys.stdout.write(pr)
+                    for delta in gen.stream(pr, p):
+                        sys.stdout.write(delta)
+                        sys.stdout.flush()
+                    sys.stdout.write("\n" + ("-" * 40 + "\n" if (i, k) != (len(prompts) - 1, a.num_samples - 1) else ""))
+            return
+        outs = gen.generate(prompts, params, num_samples=a.num_samples)
+    for j, out in enumerate(outs):
+        print(prompts[j // a.num_samples] + out.text)
+        if j < len(outs) - 1:
+            print("-" * 40)
+
+
+def _replace_seed(params, seed):
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)
+
+
+def _cmd_chat(a) -> None:
+    from gptlab.chat import CHAT_TOKENS, ensure_chat_tokens, run_chat
+    from gptlab.generate import Generator
+
+    run, _ = _load_generator(argparse.Namespace(**{**vars(a), "dtype": "float32"}))
+    if not all(t in run.tokenizer.special_tokens for t in CHAT_TOKENS):
+        print("warning: this run was not fine-tuned for chat (no chat tokens); replies may ramble until "
+              "--max-new-tokens", file=sys.stderr)
+    tok = ensure_chat_tokens(run.tokenizer, run.model)  # before the Generator: may grow the embeddings
+    import torch
+
+    gen = Generator(run.model, tok, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
+    run_chat(gen, tok, run.model.cfg.block_size, _sampling_params(a), system=a.system)
+
+
 def _cmd_info(a) -> None:
     from gptlab.model import GPTConfig
     from gptlab.run import read_run_config
@@ -120,6 +194,23 @@ def _cmd_info(a) -> None:
           f"{mcfg.norm}-LN, attention {','.join(mcfg.attention)}, vocab {mcfg.vocab_size}")
     print(f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens")
     print(f"  latest checkpoint: {info['latest_checkpoint']}; last val loss: {info['last_val_loss']}")
+
+
+def _add_sampling_args(p, temperature: float = 1.0, max_new: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p × the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (GPT-3 used 4)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** α (GPT-3 used 0.6)")
+    p.add_argument("--strict", action="store_true", help="refuse prompts longer than the context instead of cropping")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
 
+    g = sub.add_parser("generate", help="generate text with the KV-cache generator")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", help="prompt text (default: start of a new document)")
+    g.add_argument("--file", help="a file of prompts, one per line, decoded together in one batch")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _add_sampling_args(g)
+
+    c = sub.add_parser("chat", help="multi-turn chat (commands: /reset, /system TEXT, /quit)")
+    c.add_argument("run_dir")
+    c.add_argument("--system", help="system message")
+    _add_sampling_args(c, temperature=0.7, max_new=256)
+
+    from gptlab.interop.cli import add_convert_parser
+
+    add_convert_parser(sub)
+
     i = sub.add_parser("info", help="describe a run directory")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true")
@@ -184,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"tokenizer": _cmd_tokenizer, "prepare": _cmd_prepare, "pretrain": _cmd_pretrain,
-            "sample": _cmd_sample, "info": _cmd_info}
+            "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "convert": lambda a: a.func(a)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,8 +145,8 @@ def test_gpt2_logits_match_transformers():
 def test_gpt1_post_ln_logits_match_transformers_openai_gpt():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=100, block_size=64, n_layer=3, n_head=4, n_embd=64, norm="post", activation="gelu",
-                      scaled_residual_init=False)).eval()
+    m = GPT(GPTConfig(vocab_size=100, block_size=64, n_layer=3, n_head=4, n_embd=64, norm="post",
+                      activation="gelu_tanh", scaled_residual_init=False, init_std=0.2)).eval()
     hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
         vocab_size=100, n_positions=64, n_embd=64, n_layer=3, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
         afn="gelu")).eval()
@@ -160,7 +160,7 @@ def test_gpt1_post_ln_logits_match_transformers_openai_gpt():
             sd[k2] = v
     hf.load_state_dict(sd, strict=False)
     x = torch.randint(0, 100, (2, 40))
-    torch.testing.assert_close(m(x)[0], hf(x).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m(x)[0], hf(x).logits, atol=1e-5, rtol=1e-4)  # HF's GPT-1 "gelu" is the tanh one
 
 
 def test_bf16_autocast_forward_close_to_fp32():

@@ -120,10 +120,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_proj = True  # scaled at init for GPT-2/3
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, cache=None) -> torch.Tensor:
+        """x (B, T, C). With a KV cache (gptlab.generate.cache.LayerCache), keys and values of earlier
+        calls are reused and positions come from the cache."""
         B, T, _ = x.shape  # (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = attend(q, k, v, self.kind, self.cfg, pos_offset, pos_offset, self.cfg.attn_pdrop, self.training)
+        if cache is not None:
+            y = cache.attend(q, k, v)
+        else:
+            y = attend(q, k, v, self.kind, self.cfg, pos_offset, pos_offset, self.cfg.attn_pdrop, self.training)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, H·D)
         return self.resid_drop(self.c_proj(y))

@@ -20,7 +20,7 @@ class GPTConfig:
     head_dim: int = field(default=0, metadata={"help": "d_head; 0 = n_embd // n_head (GPT-3 13B has 40×128 ≠ 5140)"})
     d_ff: int = field(default=0, metadata={"help": "FFN width; 0 = 4·n_embd"})
     norm: str = field(default="pre", metadata={"help": "'post' (GPT-1: LN after each residual add) or 'pre' (GPT-2/3)"})
-    activation: str = field(default="gelu_tanh", metadata={"help": "'gelu' (erf, GPT-1/HF openai-gpt) or 'gelu_tanh' (GPT-2)"})
+    activation: str = field(default="gelu_tanh", metadata={"help": "'gelu_tanh' (GPT-1 and GPT-2's tanh approximation) or 'gelu' (exact erf)"})
     embd_pdrop: float = field(default=0.0, metadata={"help": "dropout on token+position embeddings"})
     attn_pdrop: float = field(default=0.0, metadata={"help": "dropout on attention probabilities"})
     resid_pdrop: float = field(default=0.0, metadata={"help": "dropout on each residual branch output"})
@@ -87,7 +87,7 @@ class GPTConfig:
 
 
 # --- presets -------------------------------------------------------------------------------------
-_GPT1 = dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm="post", activation="gelu",
+_GPT1 = dict(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768, norm="post", activation="gelu_tanh",
              embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1, scaled_residual_init=False)
 _GPT2 = dict(vocab_size=50257, block_size=1024, norm="pre", activation="gelu_tanh", scaled_residual_init=True,
              embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)

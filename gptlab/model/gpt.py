@@ -43,11 +43,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos_offset: int = 0):  # (B, T, C) -> (B, T, C)
+    def forward(self, x, pos_offset: int = 0, cache=None):  # (B, T, C) -> (B, T, C)
         if self.post_ln:  # GPT-1: h = LN(x + Attn(x)); out = LN(h + MLP(h))
-            x = self.ln_1(x + self.attn(x, pos_offset))
+            x = self.ln_1(x + self.attn(x, pos_offset, cache))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), pos_offset)  # GPT-2/3: x + Attn(LN(x))
+        x = x + self.attn(self.ln_1(x), pos_offset, cache)  # GPT-2/3: x + Attn(LN(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -85,15 +85,46 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n if include_position else n - self.wpe.weight.numel()
 
-    def hidden(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
-        """Trunk: token ids (B, T) -> final hidden states (B, T, C)."""
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_vocab: int) -> None:
+        """Grow ``wte`` (and an untied ``lm_head``) to ``new_vocab`` rows, e.g. for added special tokens.
+        Old rows are kept, new rows drawn from N(0, init_std), the tie, device and dtype are kept and
+        ``cfg.vocab_size`` is updated. Call before building the optimizer (the parameters are replaced)."""
+        from gptlab.errors import GptlabError
+
+        old = self.cfg.vocab_size
+        if isinstance(new_vocab, bool) or not isinstance(new_vocab, int) or new_vocab < old:
+            raise GptlabError(f"cannot resize token embeddings from {old} to {new_vocab!r} rows (only growing)")
+        if new_vocab == old:
+            return
+
+        def grow(w: torch.Tensor) -> nn.Parameter:
+            extra = torch.empty(new_vocab - old, w.size(1), device=w.device, dtype=w.dtype)
+            nn.init.normal_(extra, 0.0, self.cfg.init_std)
+            return nn.Parameter(torch.cat([w, extra]), requires_grad=w.requires_grad)
+
+        self.wte.weight = grow(self.wte.weight)
+        self.wte.num_embeddings = new_vocab
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        else:
+            self.lm_head.weight = grow(self.lm_head.weight)
+        self.lm_head.out_features = new_vocab
+        self.cfg.vocab_size = new_vocab
+
+    def hidden(self, idx: torch.Tensor, pos_offset: int = 0, cache=None) -> torch.Tensor:
+        """Trunk: token ids (B, T) -> final hidden states (B, T, C). Positions start at pos_offset, or come
+        from a KV cache (gptlab.generate.cache.KVCache: per-row positions of left-padded batches)."""
         B, T = idx.shape
-        if pos_offset + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {pos_offset + T} tokens exceeds the context of {self.cfg.block_size}")
-        pos = torch.arange(pos_offset, pos_offset + T, device=idx.device)
+        end = (cache.length - cache.min_pad if cache is not None else pos_offset) + T  # longest row's length
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.cfg.block_size}")
+        pos = cache.begin(T) if cache is not None else torch.arange(pos_offset, pos_offset + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.h:
-            x = block(x, pos_offset)
+        for i, block in enumerate(self.h):
+            x = block(x, pos_offset, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.end(T)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos_offset: int = 0,

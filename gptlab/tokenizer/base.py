@@ -77,6 +77,23 @@ class Tokenizer(ABC):
             raise GptlabError(f"unknown special tokens {sorted(unknown)}; known: {sorted(self.special_tokens)}")
         return allowed
 
+    def with_special_tokens(self, names: Iterable[str]) -> Tokenizer:
+        """A NEW tokenizer of the same kind with each missing name appended as a special token after
+        the current largest id; existing ids (and names already present) are unchanged."""
+        if isinstance(names, str):
+            raise GptlabError(f"with_special_tokens takes a list of token strings, got the string {names!r}")
+        special, next_id = self.special_tokens, self.vocab_size
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise GptlabError(f"special token names must be non-empty strings, got {name!r}")
+            if name not in special:
+                special[name], next_id = next_id, next_id + 1
+        return self._with_special_map(special)
+
+    def _with_special_map(self, special_tokens: dict[str, int]) -> Tokenizer:
+        """Rebuild with a new special-token map; subclasses may override with a faster path."""
+        return self._from_fields({**self._fields(), "special_tokens": special_tokens})
+
     # --- encode / decode --------------------------------------------------------------------
     @abstractmethod
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:

@@ -98,6 +98,10 @@ class BPETokenizer(Tokenizer):
             bad = next((i for i in as_id_list(ids) if not 0 <= i < self.vocab_size), "?")
             raise GptlabError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}") from None
 
+    def _with_special_map(self, special_tokens: dict[str, int]) -> BPETokenizer:
+        # Reuse the ranks as they are (no base64 round trip); tiktoken builds a fresh Encoding.
+        return BPETokenizer(self._enc._mergeable_ranks, self.pattern, special_tokens, name=self.name)
+
     def _fields(self) -> dict[str, Any]:
         ranks = sorted(self._enc._mergeable_ranks.items(), key=lambda kv: kv[1])
         return {

@@ -1,0 +1,128 @@
+"""The one chat template shared by generation, SFT, the reward model and the server.
+
+A conversation renders as, per message, ``<|role|>`` content ``<|end|>`` then a newline::
+
+    <|system|>Be brief.<|end|>
+    <|user|>Hi<|end|>
+    <|assistant|>Hello!<|end|>
+    <|assistant|>            <- the generation prompt
+
+Role and end markers are special ids; message content is always encoded with special tokens
+disabled, so text typed by a user can never become a role marker or ``<|endoftext|>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END = "<|end|>"
+CHAT_TOKENS = [*ROLE_TOKENS.values(), END]
+
+# The same template in Jinja, for Hugging Face's ``tokenizer.chat_template`` (matches render_text).
+JINJA_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+Message = dict[str, Any]
+
+
+def ensure_chat_tokens(tokenizer: Tokenizer, model=None) -> Tokenizer:
+    """Return a tokenizer that has the chat tokens (``tokenizer`` itself if it already does); with a
+    model, grow its embeddings when the tokenizer now has more ids than the model has rows."""
+    if not all(t in tokenizer.special_tokens for t in CHAT_TOKENS):
+        tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
+    if model is not None and model.cfg.vocab_size < tokenizer.vocab_size:
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    return tokenizer
+
+
+def validate_messages(messages: Sequence[Message]) -> None:
+    """Raise GptlabError (one line) unless ``messages`` is a well-formed, non-empty conversation."""
+    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence) or not messages:
+        raise GptlabError("a conversation must be a non-empty list of {'role', 'content'} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise GptlabError(f"message {i} must be a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise GptlabError(f"message {i} has unknown role {m['role']!r} (use system, user or assistant)")
+        if not isinstance(m["content"], str):
+            raise GptlabError(f"message {i} content must be a string, got {type(m['content']).__name__}")
+        if m["role"] == "system" and i != 0:
+            raise GptlabError(f"message {i} is a system message; only the first message may be one")
+
+
+def _chat_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    special = tokenizer.special_tokens
+    missing = [t for t in CHAT_TOKENS if t not in special]
+    if missing:
+        raise GptlabError(f"tokenizer lacks the chat tokens {missing}; add them with ensure_chat_tokens()")
+    return {t: special[t] for t in CHAT_TOKENS}
+
+
+def _message_ids(tokenizer: Tokenizer, m: Message, chat: dict[str, int],
+                 newline: list[int]) -> tuple[list[int], list[bool]]:
+    content = tokenizer.encode(m["content"])  # special tokens disabled: content is always plain text
+    train = m["role"] == "assistant"
+    ids = [chat[ROLE_TOKENS[m["role"]]], *content, chat[END], *newline]
+    mask = [False] + [train] * (len(content) + 1) + [False] * len(newline)
+    return ids, mask
+
+
+def render_ids(tokenizer: Tokenizer, messages: Sequence[Message],
+               add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and ``assistant_mask``: True on assistant content and its
+    ``<|end|>`` (the tokens SFT trains on), False on role markers, newlines and other messages."""
+    validate_messages(messages)
+    chat, newline = _chat_ids(tokenizer), tokenizer.encode("\n")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in messages:
+        i, k = _message_ids(tokenizer, m, chat, newline)
+        ids += i
+        mask += k
+    if add_generation_prompt:
+        ids.append(chat[ROLE_TOKENS["assistant"]])
+        mask.append(False)
+    return ids, mask
+
+
+def render_text(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The conversation as text (for display and the Jinja export); encoding it with all special
+    tokens allowed gives ``render_ids`` whenever no content contains special-token text."""
+    validate_messages(messages)
+    text = "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}\n" for m in messages)
+    return text + (ROLE_TOKENS["assistant"] if add_generation_prompt else "")
+
+
+def truncate_history(tokenizer: Tokenizer, messages: Sequence[Message], max_tokens: int, reserve: int = 0,
+                     add_generation_prompt: bool = True) -> list[Message]:
+    """Drop the oldest whole turns (a user message and the replies after it) until the rendered prompt
+    plus ``reserve`` new tokens fits in ``max_tokens``. The system message and the last turn are always
+    kept; if they alone do not fit, raise GptlabError."""
+    validate_messages(messages)
+    chat, newline = _chat_ids(tokenizer), tokenizer.encode("\n")
+    system = list(messages[:1]) if messages[0]["role"] == "system" else []
+    turns: list[list[Message]] = []
+    for m in messages[len(system):]:
+        if m["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(m)
+
+    def size(msgs: list[Message]) -> int:
+        return sum(len(_message_ids(tokenizer, m, chat, newline)[0]) for m in msgs)
+
+    budget = max_tokens - reserve - int(add_generation_prompt) - size(system)
+    sizes = [size(t) for t in turns]
+    start = 0
+    while start < len(turns) - 1 and sum(sizes[start:]) > budget:
+        start += 1
+    if sum(sizes[start:]) > budget:
+        raise GptlabError("message too long for the context window")
+    return system + [m for t in turns[start:] for m in t]

@@ -1,0 +1,73 @@
+"""Logits processing and sampling, batched over rows: (B, V) in, (B,) token ids out."""
+
+from __future__ import annotations
+
+import torch
+
+from gptlab.generate.params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
+                    banned: list[list[int]] | None) -> torch.Tensor:
+    """Repetition penalty (divide positive / multiply negative logits of seen tokens) and n-gram bans."""
+    if seen is not None and p.repetition_penalty != 1.0:
+        pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if banned:
+        for row, toks in enumerate(banned):
+            if toks:
+                logits[row, toks] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; filtered tokens get -inf."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # mass before this token already ≥ p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if p.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class NgramBlocker:
+    """No-repeat-n-gram: remembers, per row, which tokens followed each (n-1)-gram so far."""
+
+    def __init__(self, n: int, rows: list[list[int]]):
+        self.n = n
+        self.seen: list[dict[tuple, set[int]]] = [{} for _ in rows]
+        self.tails = [list(r[-(n - 1):]) if n > 1 else [] for r in rows]
+        for i, r in enumerate(rows):
+            for j in range(len(r) - n + 1):
+                self.seen[i].setdefault(tuple(r[j:j + n - 1]), set()).add(r[j + n - 1])
+
+    def banned(self) -> list[list[int]]:
+        return [sorted(self.seen[i].get(tuple(t), ())) if len(t) == self.n - 1 else [] for i, t in enumerate(self.tails)]
+
+    def push(self, tokens: list[int]) -> None:
+        for i, tok in enumerate(tokens):
+            t = self.tails[i]
+            if len(t) == self.n - 1:
+                self.seen[i].setdefault(tuple(t), set()).add(tok)
+            t.append(tok)
+            if len(t) > self.n - 1:
+                t.pop(0)
+
+    def reorder(self, index: list[int]) -> None:
+        self.seen = [dict((k, set(v)) for k, v in self.seen[i].items()) for i in index]
+        self.tails = [list(self.tails[i]) for i in index]
