@@ -181,3 +181,30 @@ def test_gpt2_tokenizer_generation_roundtrip():
     g = Generator(_model(vocab=tok.vocab_size, block=32), tok)
     outs = g.generate(["Hello", "Bonjour"], SamplingParams(max_new_tokens=4, temperature=0.7, seed=0), num_samples=2)
     assert len(outs) == 4 and all(o.prompt_tokens >= 1 for o in outs)
+
+
+def test_generate_and_chat_commands(tmp_path, tok):
+    import subprocess
+    import sys
+
+    from gptlab.run import write_run_config
+    from gptlab.train.checkpoint import save_model
+
+    m = _model(vocab=tok.vocab_size, block=64)
+    write_run_config(tmp_path / "run", m.cfg, tok, stage="test")
+    save_model(m, tmp_path / "run" / "model.safetensors")
+    (tmp_path / "prompts.txt").write_text("hello\nthe quick\n")
+    run = lambda *args, **kw: subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True,  # noqa: E731
+                                             text=True, timeout=120, **kw)
+    out = run("generate", str(tmp_path / "run"), "--file", str(tmp_path / "prompts.txt"), "--temperature", "0",
+              "--max-new-tokens", "8")
+    assert out.returncode == 0 and out.stdout.count("-" * 40) == 1
+    assert out.stdout.startswith("hello") and "\nthe quick" in out.stdout
+    streamed = run("generate", str(tmp_path / "run"), "--prompt", "hello", "--temperature", "0", "--max-new-tokens",
+                   "8", "--stream")
+    assert streamed.stdout.strip() == out.stdout.split("\n" + "-" * 40)[0].strip()
+    strict = run("generate", str(tmp_path / "run"), "--prompt", "hello " * 80, "--strict")
+    assert strict.returncode == 2 and strict.stderr.startswith("error: ") and "context window" in strict.stderr
+    chat = run("chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0",
+               input="hi there\n/system be brief\nagain\n/reset\n/quit\n")
+    assert chat.returncode == 0 and chat.stdout.count("you> ") >= 4
