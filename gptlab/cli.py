@@ -129,7 +129,7 @@ def _cmd_generate(a) -> None:
         warnings.showwarning = lambda msg, *rest: print(f"warning: {msg}", file=sys.stderr)
         if a.stream:
             for i, pr in enumerate(prompts):
-                for k in range(a.num_samples):
+                for k in range(a.num_samples):  # sample k uses seed + k, as in batch mode
                     p = params if params.seed is None else _replace_seed(params, params.seed + k)
                     sys.stdout.write(pr)
                     for delta in gen.stream(pr, p):
@@ -154,13 +154,15 @@ def _cmd_chat(a) -> None:
     from gptlab.chat import CHAT_TOKENS, ensure_chat_tokens, run_chat
     from gptlab.generate import Generator
 
-    run, _ = _load_generator(argparse.Namespace(**{**vars(a), "dtype": "float32"}))
+    import torch
+
+    from gptlab.run import load_run
+
+    run = load_run(a.run_dir, device=a.device)
     if not all(t in run.tokenizer.special_tokens for t in CHAT_TOKENS):
         print("warning: this run was not fine-tuned for chat (no chat tokens); replies may ramble until "
               "--max-new-tokens", file=sys.stderr)
     tok = ensure_chat_tokens(run.tokenizer, run.model)  # before the Generator: may grow the embeddings
-    import torch
-
     gen = Generator(run.model, tok, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
     run_chat(gen, tok, run.model.cfg.block_size, _sampling_params(a), system=a.system)
 

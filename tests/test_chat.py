@@ -237,7 +237,9 @@ def test_repl_multi_turn(chat_tok):
     assert gen.prompts[1] == render_ids(chat_tok, second)[0]
     assert gen.prompts[1][:len(gen.prompts[0])] == gen.prompts[0]  # history grows: turn 1 is in prompt 2
     assert gen.prompts[2] == gen.prompts[0]  # /reset kept the system message, dropped the turns
-    assert all(p.stop_token_ids == (7, END) and p.max_new_tokens == 16 for p in gen.params)
+    # every role token stops a reply (a model starting a new turn has finished its own)
+    roles = tuple(chat_tok.special_tokens[t] for t in CHAT_TOKENS)
+    assert all(p.stop_token_ids == (7, *roles) and p.max_new_tokens == 16 for p in gen.params)
     assert params.stop_token_ids == (7,)
     assert out == first + conv(("assistant", "Hey."))
     assert "Hel" in printed and "lo!" in printed and any("/reset" in p for p in printed)

@@ -208,3 +208,44 @@ def test_generate_and_chat_commands(tmp_path, tok):
     chat = run("chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0",
                input="hi there\n/system be brief\nagain\n/reset\n/quit\n")
     assert chat.returncode == 0 and chat.stdout.count("you> ") >= 4
+
+
+def test_rows_keep_their_own_length_and_seed_whatever_the_batch(tok):
+    g = Generator(_model(vocab=tok.vocab_size, block=64), tok)
+    long = list(range(1, 61))  # leaves room for 4 new tokens
+    p = SamplingParams(max_new_tokens=12, temperature=0.8, seed=5)
+    alone = g.generate(["hello"], p)[0]
+    batch = g.generate([long, "hello"], p)
+    assert len(batch[0].token_ids) <= 4 and batch[0].finish_reason in ("length", "stop")
+    assert batch[1].token_ids == alone.token_ids  # neither shortened nor re-seeded by its neighbour
+
+
+def test_model_with_more_rows_than_tokenizer_never_samples_padding_ids(tok):
+    g = Generator(_model(vocab=tok.vocab_size + 50, seed=6), tok)
+    out = g.generate(["hello"] * 4, SamplingParams(max_new_tokens=30, temperature=5.0, seed=0))
+    assert all(t < tok.vocab_size for o in out for t in o.token_ids)
+
+
+def test_earliest_stop_string_wins_and_bad_prompts_are_refused(tok):
+    s = TextStream(tok, stops=("dog", "quick brown"))
+    for t in tok.encode("the quick brown fox jumps over the lazy dog"):
+        if s.push(t):
+            break
+    assert s.text == "the "
+    g = Generator(_model(vocab=tok.vocab_size), tok)
+    with pytest.raises(GptlabError, match="list of strings or of token-id lists"):
+        g.generate([1, 2, 3])
+    with pytest.raises(GptlabError, match="token ids must be in"):
+        g.generate([[1, 10**6]])
+
+
+def test_beam_search_prefers_a_finished_hypothesis_it_scored_higher(tok):
+    m = _model(vocab=tok.vocab_size, seed=4)
+    g = Generator(m, tok)
+    ids = tok.encode("the quick")
+    with torch.no_grad():
+        first = m(torch.tensor([ids]))[0][0, -1].argmax().item()
+    # make the greedy first token a stop token: the one-token hypothesis ends at once and must be kept
+    out = g.generate([ids], SamplingParams(max_new_tokens=10, num_beams=4, length_penalty=0.0,
+                                           stop_token_ids=(first,)))[0]
+    assert out.finish_reason in ("stop", "length") and first not in out.token_ids

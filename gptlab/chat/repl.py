@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from gptlab.chat.template import END, Message, render_ids, truncate_history
+from gptlab.chat.template import CHAT_TOKENS, END, Message, render_ids, truncate_history
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import Tokenizer
 
@@ -20,13 +20,16 @@ def run_chat(generator: Any, tokenizer: Tokenizer, context_len: int, params: Any
              system: str | None = None) -> list[Message]:
     """Chat until /quit or EOF; returns the final conversation (system message first, if any).
 
-    Each turn: append the user message, drop the oldest turns so the prompt plus
-    ``params.max_new_tokens`` fits ``context_len``, render with the generation prompt and stream the
-    reply, stopping at ``<|end|>``. ``tokenizer`` must already have the chat tokens."""
-    end_id = tokenizer.special_tokens.get(END)
-    if end_id is None:
+    Each turn: append the user message, drop the oldest turns so the prompt plus the reply's budget
+    (``params.max_new_tokens``, at most half the context) fits ``context_len``, render with the
+    generation prompt and stream the reply, stopping at ``<|end|>`` or any other role token (a model
+    that starts a new turn has finished its own). ``tokenizer`` must already have the chat tokens."""
+    if tokenizer.special_tokens.get(END) is None:
         raise GptlabError("tokenizer lacks the chat tokens; add them with ensure_chat_tokens()")
-    params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + (end_id,))
+    role_ids = tuple(tokenizer.special_tokens[t] for t in CHAT_TOKENS)
+    reserve = min(params.max_new_tokens, context_len // 2)
+    params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + role_ids,
+                                 max_new_tokens=reserve)
     history: list[Message] = []
     print_fn("chat: /help lists commands")
 
@@ -63,7 +66,7 @@ def run_chat(generator: Any, tokenizer: Tokenizer, context_len: int, params: Any
 
         try:
             kept = truncate_history(tokenizer, conversation() + [{"role": "user", "content": text}],
-                                    context_len, reserve=params.max_new_tokens)
+                                    context_len, reserve=reserve)
         except GptlabError as e:
             print_fn(f"error: {e}")
             continue

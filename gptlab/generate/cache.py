@@ -71,9 +71,9 @@ class KVCache:
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype: torch.dtype,
                  pad: torch.Tensor | None = None):
         self.batch, self.device, self.dtype, self.length = batch, torch.device(device), dtype, 0
+        self.max_position = cfg.block_size - 1
         self.pad = pad.to(self.device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=self.device)
         self.padded = bool(self.pad.any())
-        self.min_pad = int(self.pad.min())
         self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # slot -> position
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)  # slot holds a token
         self.layers = []
@@ -89,7 +89,8 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} slots; {self.length} used, {T} more requested")
         idx = torch.arange(self.length, self.length + T, device=self.device)[None, :]  # (1, T)
         self.q_valid = idx >= self.pad[:, None]  # (B, T)
-        self.q_pos = (idx - self.pad[:, None]).clamp_min(0)
+        # clamp: a row that already hit its own length limit keeps being fed (its output unused)
+        self.q_pos = (idx - self.pad[:, None]).clamp(0, self.max_position)
         n = self.length
         self.pos[:, n:n + T], self.valid[:, n:n + T] = self.q_pos, self.q_valid
         return self.q_pos
@@ -100,7 +101,6 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
         self.pad = self.pad.index_select(0, index)
-        self.min_pad = int(self.pad.min())
         self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
         for layer in self.layers:
             layer.reorder(index)

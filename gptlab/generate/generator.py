@@ -52,7 +52,14 @@ class Generator:
 
     # --- prompts ---------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if not isinstance(prompt, str) else self.tok.encode(prompt)
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        if isinstance(prompt, int):
+            raise GptlabError("prompts must be a list of strings or of token-id lists, e.g. [[1, 2, 3]]")
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.tok.vocab_size for t in ids):
+            raise GptlabError(f"prompt token ids must be in 0..{self.tok.vocab_size - 1}")
+        return ids
 
     def fit(self, ids: list[int], p: SamplingParams) -> tuple[list[int], SamplingParams]:
         """Keep prompt + new tokens within the context. A prompt that fits is kept whole and generation
@@ -76,19 +83,18 @@ class Generator:
                  num_samples: int = 1) -> list[Completion]:
         """Completions for each prompt (num_samples each, in order), decoded together in one batch."""
         prompts = [prompts] if isinstance(prompts, (str,)) else prompts
+        # sample k of a prompt uses seed + k, so a row's text does not depend on what else is in the batch
         fitted = [self.fit(self.encode(pr), params) for pr in prompts for _ in range(num_samples)]
         if not fitted:
             return []
-        p = fitted[0][1]
-        for _, q in fitted:  # one batch shares max_new_tokens: the shortest allowance wins
-            p = q if q.max_new_tokens < p.max_new_tokens else p
-        ids = [f[0] for f in fitted]
-        if p.num_beams > 1:
-            return [self._beam_search(row, p) for row in ids]
-        streams = [TextStream(self.tok, p.stop) for _ in ids]
+        ids, limits = [f[0] for f in fitted], [f[1].max_new_tokens for f in fitted]
+        seeds = [None if params.seed is None else params.seed + k for _ in prompts for k in range(num_samples)]
+        if params.num_beams > 1:
+            return [self._beam_search(row, q) for row, (_, q) in zip(ids, fitted)]
+        streams = [TextStream(self.tok, params.stop) for _ in ids]
         tokens: list[list[int]] = [[] for _ in ids]
         reasons = ["length"] * len(ids)
-        for step_tokens, done in self._decode(ids, p, streams):
+        for step_tokens, done in self._decode(ids, params, streams, limits, seeds):
             for i, t in step_tokens:
                 tokens[i].append(t)
             for i, why in done:
@@ -105,7 +111,7 @@ class Generator:
             yield self._beam_search(ids, p).text
             return
         s = TextStream(self.tok, p.stop)
-        for _ in self._decode([ids], p, [s]):
+        for _ in self._decode([ids], p, [s], [p.max_new_tokens], [p.seed]):
             d = s.delta()
             if d:
                 yield d
@@ -123,18 +129,24 @@ class Generator:
             x[i, P - len(r):] = torch.tensor(r)
         cache = KVCache(self.model.cfg, B, P + max_new, self.device, self.dtype, pad)
         h = self.model.hidden(x.to(self.device), cache=cache)
-        return cache, self.model.lm_head(h[:, -1]).float()  # (B, V): only the last position is needed
+        return cache, self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, V) fp32 logits of the last position, limited to the tokenizer's ids (a model may have
+        more embedding rows, e.g. padded to a multiple of 64)."""
+        return self.model.lm_head(h[:, -1]).float()[:, :self.tok.vocab_size]
 
     def _step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.model.hidden(tokens[:, None], cache=cache)
-        return self.model.lm_head(h[:, -1]).float()
+        return self._logits(self.model.hidden(tokens[:, None], cache=cache))
 
-    def _decode(self, ids: list[list[int]], p: SamplingParams, streams: list[TextStream]):
-        """Yields ([(row, token)], [(row, finish_reason)]) per step for rows still running."""
-        B = len(ids)
+    def _decode(self, ids: list[list[int]], p: SamplingParams, streams: list[TextStream], limits: list[int],
+                seeds: list[int | None]):
+        """Yields ([(row, token)], [(row, finish_reason)]) per step for rows still running. Row i stops
+        after limits[i] tokens (its share of the context), an end token or a stop string."""
+        B, steps = len(ids), max(limits)
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {self.tok.eot_id})
-        gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
-        cache, logits = self._prefill(ids, p.max_new_tokens)
+        gens = [torch.Generator(device=self.device).manual_seed(sd) if sd is not None else None for sd in seeds]
+        cache, logits = self._prefill(ids, steps)
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=self.device)
@@ -142,9 +154,9 @@ class Generator:
                 seen[i, r] = True
         ngrams = NgramBlocker(p.no_repeat_ngram_size, ids) if p.no_repeat_ngram_size else None
         running = [True] * B
-        for step in range(p.max_new_tokens):
+        for step in range(steps):
             logits = apply_penalties(logits, p, seen, ngrams.banned() if ngrams else None)
-            nxt = next_tokens(logits, p, gen)
+            nxt = next_tokens(logits, p, gens)
             toks = nxt.tolist()
             emitted, done = [], []
             for i, t in enumerate(toks):
@@ -158,8 +170,11 @@ class Generator:
                 if streams[i].push(t):
                     running[i] = False
                     done.append((i, "stop"))
+                elif step + 1 >= limits[i]:
+                    running[i] = False
+                    done.append((i, "length"))
             yield emitted, done
-            if not any(running) or step == p.max_new_tokens - 1:
+            if not any(running) or step == steps - 1:
                 return
             if seen is not None:
                 seen[torch.arange(B, device=self.device), nxt] = True
@@ -170,7 +185,10 @@ class Generator:
     # --- beam search -----------------------------------------------------------------------------
     def _beam_search(self, ids: list[int], p: SamplingParams) -> Completion:
         """Beam search with a length penalty, as GPT-3 used for free-form answers (4 beams, α 0.6).
-        Finished hypotheses score sum(log p) / len ** α; search ends when no running beam can beat them."""
+        Hypotheses score sum(log p) / len ** α. The search ends at max_new_tokens (running beams then
+        compete as they are) or, as transformers' heuristic does, when K hypotheses have finished and
+        the best running beam's current score does not beat them. Stop strings are applied to the
+        chosen hypothesis afterwards."""
         K = p.num_beams
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {self.tok.eot_id})
         cache, logits = self._prefill([ids], p.max_new_tokens)
@@ -203,10 +221,14 @@ class Generator:
                 toks.append(t)
                 if len(next_beams) == K:
                     break
-            best_running = max(next_scores, default=float("-inf")) / (step + 1) ** p.length_penalty
-            if not next_beams or (len(finished) >= K and max(f[0] for f in finished) >= best_running):
+            if not next_beams:  # every candidate ended
+                beams = []
                 break
             beams, scores = next_beams, torch.tensor(next_scores, device=self.device)
+            best_running = max(next_scores) / (step + 1) ** p.length_penalty
+            if len(finished) >= K and max(f[0] for f in finished) >= best_running:
+                beams = []  # HF's stopping heuristic: no running beam is expected to catch up
+                break
             index = torch.tensor(src, device=self.device)
             cache.reorder(index)
             if seen is not None:
@@ -220,6 +242,8 @@ class Generator:
             logits = self._step(cache, torch.tensor(toks, device=self.device))
         for b, sc in zip(beams, scores.tolist()):
             finished.append((sc / max(1, len(b)) ** p.length_penalty, b, "length"))
+        if not finished:  # every continuation was banned (e.g. by no_repeat_ngram_size)
+            return Completion("", [], "stop", len(ids))
         score, best, reason = max(finished, key=lambda f: f[0])
         s = TextStream(self.tok, p.stop)
         for t in best:

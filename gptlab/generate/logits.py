@@ -13,10 +13,11 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor 
     if seen is not None and p.repetition_penalty != 1.0:
         pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(seen, pen, logits)
-    if banned:
-        for row, toks in enumerate(banned):
-            if toks:
-                logits[row, toks] = float("-inf")
+    if banned and any(banned):  # one indexed write for all rows (one host->device copy on GPUs)
+        rows = [r for r, toks in enumerate(banned) for _ in toks]
+        cols = [t for toks in banned for t in toks]
+        idx = torch.tensor([rows, cols], device=logits.device)
+        logits = logits.index_put((idx[0], idx[1]), torch.tensor(float("-inf"), device=logits.device))
     return logits
 
 
@@ -38,11 +39,14 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row; row i draws from generators[i] (its own seed), or the global RNG if None."""
     if p.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if all(g is None for g in generators):
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])
 
 
 class NgramBlocker:

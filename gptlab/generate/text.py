@@ -21,10 +21,9 @@ class TextStream:
             return False
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
         self.text += self.decoder.decode(self.tok.decode_bytes([token_id]))
-        for s in self.stops:
-            i = self.text.find(s, start)
-            if i >= 0:
-                self.text, self.stopped = self.text[:i], True
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:  # cut at the earliest stop string, whichever completed
+            self.text, self.stopped = self.text[:min(hits)], True
         return self.stopped
 
     def finish(self) -> None:

@@ -200,6 +200,13 @@ def bpe_from_hf(vocab: dict[str, int], merges: list[tuple[str, ...]], added: dic
                               "tiktoken needs merged ids increasing in merge order")
         ranks[tok], prev = rank, rank
         mergeable.add(s)
+    # tiktoken merges any adjacent pair whose bytes form a token; HF merges only listed pairs. They agree
+    # exactly when each merge is the split that rank-limited BPE makes of its token: check every one.
+    for i, (a, b) in enumerate(merges):
+        tok = to_bytes(a + b)
+        if _rank_limited_bpe(ranks, tok, ranks[tok]) != [to_bytes(a), to_bytes(b)]:
+            raise GptlabError(f"{where}: merge {i} {a!r} {b!r} is not the pair byte-level BPE would merge first; "
+                              "tiktoken would tokenize differently from this tokenizer")
     special = {s: int(i) for s, i in {**vocab, **added}.items() if s not in mergeable}
     if EOT not in special:
         raise GptlabError(f"{where}: tokenizer has no {EOT} token")
@@ -349,6 +356,10 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict | str]:
     tcfg = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
             "add_bos_token": False, "errors": "replace", "clean_up_tokenization_spaces": False, "pad_token": None,
             **smap, "added_tokens_decoder": added}
+    from gptlab.chat.template import CHAT_TOKENS, JINJA_TEMPLATE
+
+    if all(t in special for t in CHAT_TOKENS):  # the one chat template, for tokenizer.apply_chat_template
+        tcfg["chat_template"] = JINJA_TEMPLATE
     return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": tcfg, "special_tokens_map.json": smap}
 
 

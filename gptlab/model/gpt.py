@@ -116,10 +116,12 @@ class GPT(nn.Module):
         """Trunk: token ids (B, T) -> final hidden states (B, T, C). Positions start at pos_offset, or come
         from a KV cache (gptlab.generate.cache.KVCache: per-row positions of left-padded batches)."""
         B, T = idx.shape
-        end = (cache.length - cache.min_pad if cache is not None else pos_offset) + T  # longest row's length
-        if end > self.cfg.block_size:
-            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.cfg.block_size}")
-        pos = cache.begin(T) if cache is not None else torch.arange(pos_offset, pos_offset + T, device=idx.device)
+        if cache is not None:  # the cache knows each row's positions (and bounds the total length)
+            pos = cache.begin(T)
+        else:
+            if pos_offset + T > self.cfg.block_size:
+                raise ValueError(f"sequence of {pos_offset + T} tokens exceeds the context of {self.cfg.block_size}")
+            pos = torch.arange(pos_offset, pos_offset + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, pos_offset, cache.layers[i] if cache is not None else None)
