@@ -75,7 +75,8 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
         write_run_config(out, model_cfg, tok, stage="pretrain", train=cfg.to_dict(),
                          data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size})
         if not quiet:
-            print(f"model: {preset_name if not resume else 'resumed'} · {model.num_params() / 1e6:.2f}M parameters · "
+            origin = "resumed run" if resume else f"preset {preset_name}" + (" + overrides" if model_overrides else "")
+            print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · "
                   f"{model_cfg.n_layer} layers × {model_cfg.n_embd} · context {model_cfg.block_size} · "
                   f"vocab {model_cfg.vocab_size} · attention {','.join(model_cfg.attention)}")
             print(f"train: recipe {cfg.recipe} · batch {cfg.batch_size}×{cfg.grad_accum}×{info.world} × {T} tokens · "
