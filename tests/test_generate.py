@@ -249,3 +249,24 @@ def test_beam_search_prefers_a_finished_hypothesis_it_scored_higher(tok):
     out = g.generate([ids], SamplingParams(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                            stop_token_ids=(first,)))[0]
     assert out.finish_reason in ("stop", "length") and first not in out.token_ids
+
+
+def test_packed_cpu_linears_match_and_follow_weight_updates():
+    from gptlab.generate.packed import available, pack_linears
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN (mkldnn) linear prepacking")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    x = torch.randn(3, 5, 48)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert pack_linears(lin)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an optimizer step: the packed copy must be rebuilt
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    y = lin(x)  # with grad: the plain path, so training through a packed module still works
+    y.sum().backward()
+    assert lin.weight.grad is not None

@@ -14,6 +14,7 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.generate.cache import KVCache
 from gptlab.generate.logits import NgramBlocker, apply_penalties, next_tokens
+from gptlab.generate.packed import pack_linears
 from gptlab.generate.params import SamplingParams
 from gptlab.generate.text import TextStream
 from gptlab.model import GPT
@@ -28,17 +29,6 @@ class Completion:
     prompt_tokens: int
 
 
-def _weights_column_major(model: torch.nn.Module) -> None:
-    """Decoding one token is a matrix-vector product per layer, bound by reading the weights. On CPU in
-    fp32, MKL streams x @ W faster when W is stored (in, out) than (out, in) (GPT-2 124M here: ~21 vs
-    ~18 GB/s, as transformers' Conv1D layout has it). Re-lay each Linear weight in place as the transpose
-    of a contiguous (in, out) matrix: same values and shapes, no extra memory. (bf16 matmuls through
-    oneDNN prefer the (out, in) layout, so they are left alone.)"""
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
-            mod.weight.data = mod.weight.data.t().contiguous().t()
-
-
 class Generator:
     def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype | None = None):
         if dtype is not None:
@@ -46,8 +36,8 @@ class Generator:
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            _weights_column_major(model)
+        if self.device.type == "cpu":
+            pack_linears(model)  # oneDNN-packed weights stream 1.6-7x faster in decoding matmuls
         self.ctx = model.cfg.block_size
 
     # --- prompts ---------------------------------------------------------------------------------
