@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gptlab.errors import GptlabError
 
 ATTENTION_KINDS = ("dense", "local", "strided", "fixed")
+HEAD_KINDS = ("", "classifier", "scalar")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class GPTConfig:
     sparse_stride: int = field(default=128, metadata={"help": "stride of the Sparse Transformer 'strided' and 'fixed' patterns"})
     sparse_c: int = field(default=8, metadata={"help": "summary columns per block of the 'fixed' pattern"})
     attn_backend: str = field(default="auto", metadata={"help": "auto|sdpa|flex|naive; sparse layers use FlexAttention block masks under 'flex'"})
+    # task head over the final hidden state (GPT-1 fine-tuning): Dropout(head_pdrop) then Linear(n_embd, head_out)
+    head: str = field(default="", metadata={"help": "task head: '' (none) | 'classifier' (head_out classes) | 'scalar' (one score, e.g. per choice)"})
+    head_out: int = field(default=0, metadata={"help": "task head outputs: the number of classes (≥ 2) for 'classifier', 1 for 'scalar', 0 without a head"})
+    head_pdrop: float = field(default=0.1, metadata={"help": "dropout before the task head (GPT-1: 0.1)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, str):
@@ -56,6 +61,16 @@ class GPTConfig:
             raise GptlabError(f"attn_backend must be auto|sdpa|flex|naive, got {self.attn_backend!r}")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) <= 0:
             raise GptlabError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
+        if self.head not in HEAD_KINDS:
+            raise GptlabError(f"head must be '', 'classifier' or 'scalar', got {self.head!r}")
+        if self.head == "scalar" and self.head_out == 0:
+            self.head_out = 1
+        want = {"": "0", "classifier": "≥ 2", "scalar": "1"}[self.head]
+        if isinstance(self.head_out, bool) or not isinstance(self.head_out, int) or \
+                not {"": self.head_out == 0, "classifier": self.head_out >= 2, "scalar": self.head_out == 1}[self.head]:
+            raise GptlabError(f"head_out must be {want} for head {self.head!r}, got {self.head_out!r}")
+        if not 0.0 <= self.head_pdrop < 1.0:
+            raise GptlabError(f"head_pdrop must be in [0, 1), got {self.head_pdrop!r}")
 
     def layer_attention(self, layer: int) -> str:
         return self.attention[layer % len(self.attention)]
@@ -83,6 +98,7 @@ class GPTConfig:
         n = self.vocab_size * C + self.n_layer * block
         n += ln if self.norm == "pre" else 0  # final LayerNorm
         n += 0 if self.tie_embeddings else self.vocab_size * C
+        n += (C + 1) * self.head_out if self.head else 0  # task head: Linear(C, head_out) with bias
         return n + (self.block_size * C if include_position else 0)
 
 

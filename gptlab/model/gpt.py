@@ -63,6 +63,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.head:  # task head (GPT-1 fine-tuning): W_y over the final hidden state at the extract token
+            self.head = self._make_head(cfg)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -111,6 +113,35 @@ class GPT(nn.Module):
             self.lm_head.weight = grow(self.lm_head.weight)
         self.lm_head.out_features = new_vocab
         self.cfg.vocab_size = new_vocab
+
+    @staticmethod
+    def _make_head(cfg: GPTConfig) -> nn.Sequential:
+        return nn.Sequential(nn.Dropout(cfg.head_pdrop), nn.Linear(cfg.n_embd, cfg.head_out))
+
+    @torch.no_grad()
+    def add_head(self, head: str, head_out: int = 0, head_pdrop: float = 0.1) -> None:
+        """Attach (or replace) the task head of a built model, e.g. a pretrained one being fine-tuned:
+        Dropout(head_pdrop) then Linear(n_embd, head_out), weights N(0, init_std), zero bias, on the
+        device and dtype of the embeddings; ``cfg`` is updated so the saved config rebuilds it. Call before
+        building the optimizer."""
+        import dataclasses
+
+        new_cfg = dataclasses.replace(self.cfg, head=head, head_out=head_out, head_pdrop=head_pdrop)  # validates
+        if not new_cfg.head:
+            raise ValueError("add_head needs a head kind: 'classifier' or 'scalar'")
+        module = self._make_head(new_cfg).to(device=self.wte.weight.device, dtype=self.wte.weight.dtype)
+        nn.init.normal_(module[1].weight, 0.0, self.cfg.init_std)
+        nn.init.zeros_(module[1].bias)
+        self.head = module
+        self.cfg.head, self.cfg.head_out, self.cfg.head_pdrop = new_cfg.head, new_cfg.head_out, new_cfg.head_pdrop
+
+    def head_logits(self, h_at: torch.Tensor) -> torch.Tensor:
+        """Task head over hidden states (..., C) (GPT-1: the final state at the extract token) -> (..., head_out)."""
+        if not self.cfg.head:
+            from gptlab.errors import GptlabError
+
+            raise GptlabError("this model has no task head (it was not fine-tuned for a task)")
+        return self.head(h_at)
 
     def hidden(self, idx: torch.Tensor, pos_offset: int = 0, cache=None) -> torch.Tensor:
         """Trunk: token ids (B, T) -> final hidden states (B, T, C). Positions start at pos_offset, or come
