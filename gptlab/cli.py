@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     from gptlab.interop.cli import add_convert_parser
 
     add_convert_parser(sub)
+    from gptlab.evaluate.cli import add_evaluate_parser
+    from gptlab.finetune.cli import add_classify_parser, add_finetune_parser
+
+    add_evaluate_parser(sub)
+    add_finetune_parser(sub)
+    add_classify_parser(sub)
 
     i = sub.add_parser("info", help="describe a run directory")
     i.add_argument("run_dir")
@@ -294,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"tokenizer": _cmd_tokenizer, "prepare": _cmd_prepare, "pretrain": _cmd_pretrain,
-            "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "convert": lambda a: a.func(a)}
+            "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "convert": lambda a: a.func(a),
+            "evaluate": lambda a: a.func(a), "finetune": lambda a: a.func(a), "classify": lambda a: a.func(a)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.size(0), chunk_rows):
                 e = min(s + chunk_rows, h.size(0))
-                logits = (hc[s:e] @ wc.t()).float()  # (n, V)
+                logp = torch.log_softmax((hc[s:e] @ wc.t()).float(), dim=-1)  # (n, V), one fused kernel
                 t, v = targets[s:e].clamp_min(0), valid[s:e]
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * v).sum()
+                loss -= (logp.gather(1, t[:, None]).squeeze(1) * v).sum()
                 if need_h or need_w:
-                    g = torch.softmax(logits, dim=-1)  # d loss / d logits = (p - onehot) / N
+                    g = logp.exp_()  # softmax, in place: d loss / d logits = (p - onehot) / N
                     g[torch.arange(e - s, device=g.device), t] -= 1.0
                     g *= (v.float() / n_valid)[:, None]
                     g = g.to(dt)

@@ -1,0 +1,405 @@
+"""The GPT-1 fine-tuning stage (paper §3.2): a pretrained run dir (or a random init, for the ablation) +
+labelled task data -> a run dir whose model carries a task head and the task's special tokens.
+
+Objective L3(C) = L2(C) + λ·L1(C): the task's cross-entropy plus λ times the language-modelling loss on
+the same inputs (every non-pad token predicts the next; λ = 0.5 in the paper, 0 turns it off). Both come
+out of ONE trunk pass that still goes through `model(x, targets)` (so DDP, FSDP and torch.compile see an
+ordinary forward): the LM loss is the model's fused linear + cross-entropy, and the hidden states it was
+computed from are kept by a forward hook on the final LayerNorm (`HiddenTap`) for the head.
+
+Training runs on the one engine (`gptlab.train.engine.Trainer`): checkpoints, bit-exact resume, bf16,
+DDP. Step s's global batch is examples [s·n, (s+1)·n) of an endless stream of epochs, each epoch a
+permutation seeded by (seed, epoch): a pure function of (seed, step), as the engine requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.errors import GptlabError
+from gptlab.finetune.data import (Example, Fields, check_task, label_ids, label_names, load_examples, split_dev)
+from gptlab.finetune.tasks import TASK_TOKENS, add_task_tokens, encode_examples
+from gptlab.model import GPT, GPTConfig
+from gptlab.run import check_vocab, read_run_config, write_run_config
+from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
+from gptlab.train import distributed as D
+from gptlab.train.checkpoint import LATEST_FILE, MODEL_FILE, load_state_into, read_safetensors
+from gptlab.train.config import TrainConfig, coerce_fields
+from gptlab.train.engine import Trainer
+
+RECIPE = "gpt1-finetune"
+# GPT-1 §4.1 (fine-tuning details): lr 6.25e-5, batch 32, 3 epochs, linear decay with warmup over 0.2% of
+# training, λ = 0.5, classifier dropout 0.1; Adam β2 0.999 and decoupled weight decay 0.01 as in
+# pretraining; gradient-norm clip 1 as in the paper's released fine-tuning code.
+FINETUNE_RECIPE: dict = dict(lr=6.25e-5, batch_size=32, schedule="linear", min_lr_ratio=0.0, warmup_tokens=0,
+                             decay_tokens=0, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0,
+                             batch_warmup_tokens=0, grad_accum=1)
+EPOCHS, WARMUP_FRACTION, LM_COEF = 3.0, 0.002, 0.5
+# model keys that may change when fine-tuning a pretrained run (the rest is fixed by its weights)
+FROM_RUN_MODEL_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "head_pdrop", "attn_backend")
+HEAD_OF_TASK = {"classification": "classifier", "entailment": "classifier", "similarity": "classifier",
+                "multiple_choice": "scalar"}
+
+
+def resolve_finetune_config(*layers: dict) -> tuple[TrainConfig, set[str]]:
+    """FINETUNE_RECIPE ← each layer (saved run, YAML, CLI) -> (TrainConfig, the keys the layers set)."""
+    merged: dict = {"recipe": RECIPE, **FINETUNE_RECIPE}
+    given: set[str] = set()
+    for layer in layers:
+        vals = coerce_fields(TrainConfig, {k: v for k, v in layer.items() if k != "recipe"}, "train")
+        merged.update(vals)
+        given |= set(vals)
+    merged["recipe"] = RECIPE
+    return TrainConfig(**merged), given
+
+
+def schedule_for(cfg: TrainConfig, given: set[str], n_train: int, epochs: float, world: int = 1) -> TrainConfig:
+    """max_iters = epochs over the training set (unless set), warmup = 0.2% of the steps (unless set)."""
+    if epochs <= 0:
+        raise GptlabError(f"--epochs must be positive, got {epochs}")
+    steps = cfg.max_iters
+    if "max_iters" not in given:
+        steps = max(1, math.ceil(epochs * n_train / (cfg.batch_size * cfg.grad_accum * world)))
+    warm = cfg.warmup_iters
+    if "warmup_iters" not in given:
+        warm = math.ceil(WARMUP_FRACTION * (cfg.decay_iters or steps))
+    return dataclasses.replace(cfg, max_iters=steps, warmup_iters=warm)
+
+
+# --- batches -------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    x: torch.Tensor        # (M, T) token ids of all M sequences, right-padded
+    targets: torch.Tensor  # (M, T) next-token targets, -100 on pads and after each extract token
+    extract: torch.Tensor  # (M,) position of each sequence's extract token (its last)
+    counts: torch.Tensor   # (N,) sequences per example (CPU): 1, 2 (similarity) or the number of choices
+    labels: torch.Tensor | None  # (N,) class ids or right-choice indices
+
+
+def collate(seqs: list[list[list[int]]], labels: list[int] | None, pad_id: int, device=None,
+            pad_multiple: int = 1, max_len: int | None = None) -> Batch:
+    """Examples' sequences -> one right-padded batch, padded to this batch's longest sequence (rounded up to
+    a multiple of pad_multiple, at most max_len: fewer distinct shapes for torch.compile)."""
+    flat = [s for ex in seqs for s in ex]
+    T = max(len(s) for s in flat)
+    T = max(T, min(-(-T // pad_multiple) * pad_multiple, max_len or T))
+    x = torch.tensor([s + [pad_id] * (T - len(s)) for s in flat], dtype=torch.long)
+    y = torch.tensor([s[1:] + [-100] * (T - len(s) + 1) for s in flat], dtype=torch.long)
+    ext = torch.tensor([len(s) - 1 for s in flat], dtype=torch.long)
+    counts = torch.tensor([len(ex) for ex in seqs], dtype=torch.long)
+    lab = torch.tensor(labels, dtype=torch.long, device=device) if labels is not None else None
+    return Batch(x.to(device), y.to(device), ext.to(device), counts, lab)
+
+
+class EpochOrder:
+    """Sample i of step s's global batch (n per step) is example perm_e[p % N] with p = s·n + i and
+    e = p // N; perm_e is a permutation seeded by (seed, e) on its own generator (the global RNG is
+    never touched)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 62))
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return self._perms[epoch]
+
+    def indices(self, step: int, sample_slice: slice, n_global: int) -> list[int]:
+        out = []
+        for i in range(sample_slice.start, sample_slice.stop):
+            p = step * n_global + i
+            out.append(self.perm(p // self.n)[p % self.n])
+        return out
+
+
+# --- heads and losses ----------------------------------------------------------------------------
+def task_scores(raw: GPT, h: torch.Tensor, extract: torch.Tensor, counts: torch.Tensor, task: str) -> torch.Tensor:
+    """Final hidden states (M, T, C) -> per-example logits: (N, classes), or (N, K) choice scores (choices
+    beyond an example's count are -inf). Similarity adds its two orderings' extract states before the head."""
+    h_ext = h[torch.arange(h.size(0), device=h.device), extract]  # (M, C)
+    if task == "similarity":
+        h_ext = h_ext.view(-1, 2, h_ext.size(-1)).sum(1)  # (N, C): ordering a|b + ordering b|a
+    out = raw.head_logits(h_ext)
+    if task != "multiple_choice":
+        return out
+    flat = out.squeeze(-1)  # (M,) one scalar per choice
+    K = int(counts.max())
+    if bool((counts == K).all()):
+        return flat.view(-1, K)
+    mask = (torch.arange(K)[None, :] < counts[:, None]).to(flat.device)
+    return flat.new_full(mask.shape, float("-inf")).masked_scatter(mask, flat)
+
+
+class HiddenTap:
+    """Keeps the output of the model's final LayerNorm (the LM head's input) from the latest forward."""
+
+    def __init__(self, raw: GPT):
+        self.h = None
+        self._handle = raw.ln_f.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, out) -> None:
+        self.h = out
+
+    def pop(self) -> torch.Tensor:
+        h, self.h = self.h, None
+        if h is None:
+            raise RuntimeError("no hidden states captured: the model's forward did not run its final LayerNorm")
+        return h
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class FinetuneLoss:
+    """loss_fn for the engine: L3 = L2 (task cross-entropy) + lm_coef · L1 (LM loss on the same tokens)."""
+
+    def __init__(self, raw: GPT, task: str, lm_coef: float):
+        if not raw.cfg.head:
+            raise GptlabError("fine-tuning needs a model with a task head")
+        self.raw, self.task, self.lm_coef = raw, check_task(task), float(lm_coef)
+        self.tap = HiddenTap(raw)
+
+    def terms(self, model: torch.nn.Module, batch: Batch):
+        """-> (L3, L2, L1, logits). `model` is the raw model or its DDP/FSDP/compiled wrapper."""
+        _, lm = model(batch.x, batch.targets)
+        logits = task_scores(self.raw, self.tap.pop(), batch.extract, batch.counts, self.task)
+        task_loss = F.cross_entropy(logits.float(), batch.labels)
+        return task_loss + self.lm_coef * lm, task_loss, lm, logits
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.terms(model, batch)[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches) -> dict:
+        task_sum, lm_sum, correct, n, n_tok = 0.0, 0.0, 0, 0, 0
+        for b in batches:
+            _, task_loss, lm, logits = self.terms(model, b)
+            k, k_tok = b.labels.numel(), int((b.targets != -100).sum())
+            task_sum += task_loss.item() * k  # means over examples and over predicted tokens, whatever the batching
+            lm_sum += lm.item() * k_tok
+            correct += int((logits.argmax(-1) == b.labels).sum())
+            n, n_tok = n + k, n_tok + k_tok
+        if n == 0:
+            return {}
+        return {"val_loss": task_sum / n, "val_acc": correct / n, "val_lm_loss": lm_sum / max(n_tok, 1)}
+
+    def close(self) -> None:
+        self.tap.close()
+
+
+# --- models --------------------------------------------------------------------------------------
+def _check_model_overrides(overrides: dict, from_run: bool) -> dict:
+    bad = [k for k in overrides if k in ("head", "head_out")]
+    if bad:
+        raise GptlabError(f"--model.{bad[0]} is set by the task type, not by hand")
+    if from_run:
+        fixed = [k for k in overrides if k not in FROM_RUN_MODEL_KEYS]
+        if fixed:
+            raise GptlabError(f"--model.{fixed[0]} cannot change when fine-tuning a pretrained run (its weights fix "
+                              f"it); only {', '.join(FROM_RUN_MODEL_KEYS)} can")
+    return coerce_fields(GPTConfig, overrides, "model")
+
+
+def load_pretrained(run_dir: str | Path, overrides: dict | None = None) -> tuple[GPT, Tokenizer]:
+    """A pretrained run's model (without any task head it may carry) and tokenizer, on the CPU in fp32."""
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    tok = load_tokenizer(run_dir / saved.get("tokenizer", TOKENIZER_FILE))
+    cfg = GPTConfig.from_dict({**saved["model"], "head": "", "head_out": 0, **_check_model_overrides(overrides or {}, True)})
+    check_vocab(cfg, tok, str(run_dir))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu")
+    sd = {k: v for k, v in read_safetensors(run_dir / MODEL_FILE, "model weights").items() if not k.startswith("head.")}
+    load_state_into(model, sd, run_dir / MODEL_FILE)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model.float(), tok
+
+
+def random_model(preset_name: str, tokenizer: Tokenizer, overrides: dict | None = None) -> GPT:
+    from gptlab.train.pretrain import build_model_config
+
+    cfg = build_model_config(preset_name, _check_model_overrides(overrides or {}, False), tokenizer.vocab_size)
+    check_vocab(cfg, tokenizer, f"preset {preset_name}")
+    return GPT(cfg)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+def _labels_of(task: str, train: list[Example], saved: list[str] | None) -> list[str] | None:
+    if task == "multiple_choice":
+        return None
+    names = label_names(train)
+    if saved is not None:
+        extra = sorted(set(names) - set(saved))
+        if extra:
+            raise GptlabError(f"the data has labels {extra} that the run being resumed was not trained with ({saved})")
+        return list(saved)
+    if len(names) < 2:
+        raise GptlabError(f"the training data has a single label {names}; a classifier needs at least two")
+    return names
+
+
+def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str | None = None,
+             init_from: str | Path | None = None, init: str | None = None, preset_name: str | None = None,
+             tokenizer: str = "gpt2", dev: str | Path | None = None, dev_fraction: float | None = None,
+             fields: Fields | None = None, lm_coef: float | None = None, epochs: float | None = None,
+             model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
+             quiet: bool = False) -> dict:
+    """Fine-tune into `out_dir`: from a pretrained run (`init_from`) or a random `preset_name` model
+    (`init="random"`, with `tokenizer`: gpt2 | char | bpe:N trained on the training texts | a path).
+    Both `init_from` and `init="random"`: the run's architecture and tokenizer with random weights (the
+    like-for-like no-pretraining ablation). -> the engine's final metrics (loss, val_loss, val_acc, step, ...)."""
+    out = Path(out_dir)
+    saved: dict = {}
+    if resume:
+        saved = read_run_config(out)
+        if saved.get("stage") != "finetune":
+            raise GptlabError(f"{out} holds a {saved.get('stage')!r} run, not a finetune run; --resume continues a fine-tune")
+        st, sd_ = saved.get("task", {}), saved.get("data", {})
+        if task is not None and task != st.get("type"):
+            raise GptlabError(f"{out} was fine-tuned for {st.get('type')}; cannot resume it as {task}")
+        task, data = st["type"], data or sd_.get("train")
+        dev = dev or sd_.get("dev")
+        dev_fraction = sd_.get("dev_fraction", 0.1) if dev_fraction is None else dev_fraction
+        kept = Fields(**st.get("fields", {}))  # the saved mapping, field by field unless given again
+        fields = Fields(**{k: getattr(fields, k, None) or v for k, v in kept.to_dict().items()})
+        lm_coef = st.get("lm_coef", LM_COEF) if lm_coef is None else lm_coef
+        epochs_given = epochs is not None
+        epochs = st.get("epochs", EPOCHS) if epochs is None else epochs
+    else:
+        if (out / LATEST_FILE).exists():
+            raise GptlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if init_from is None and init is None:
+            raise GptlabError("finetune needs --from RUN_DIR (a pretrained run) or --init random --preset P")
+        if init is not None and init != "random":
+            raise GptlabError(f"--init must be 'random', got {init!r}")
+        if init == "random" and not preset_name and init_from is None:
+            raise GptlabError("--init random needs --preset (the architecture to initialise), or --from RUN_DIR "
+                              "to take that run's architecture and tokenizer")
+        if init_from is not None and preset_name:
+            raise GptlabError("--preset goes with --init random alone; with --from the run fixes the architecture")
+        task = check_task(task or "classification")
+        dev_fraction = 0.1 if dev_fraction is None else dev_fraction
+        lm_coef = LM_COEF if lm_coef is None else lm_coef
+        epochs_given, epochs = epochs is not None, EPOCHS if epochs is None else epochs
+    if not data:
+        raise GptlabError("finetune needs --data (a JSONL, CSV or TSV file of labelled examples)")
+    if not (isinstance(lm_coef, (int, float)) and math.isfinite(lm_coef) and lm_coef >= 0):
+        raise GptlabError(f"--lm-coef must be a finite number ≥ 0, got {lm_coef!r}")
+
+    # --- data --------------------------------------------------------------------------------
+    train_layers = tuple(train_layers)
+    if resume:
+        saved_train = dict(saved.get("train", {}))
+        if epochs_given and not any("max_iters" in layer for layer in train_layers):
+            saved_train.pop("max_iters", None)
+            saved_train.pop("warmup_iters", None)
+        train_layers = (saved_train, *train_layers)
+    cfg, given = resolve_finetune_config(*train_layers)
+    examples, fields = load_examples(data, task, fields)
+    if dev:
+        train_ex = examples
+        dev_ex, _ = load_examples(dev, task, fields)
+    else:
+        train_ex, dev_ex = split_dev(examples, dev_fraction, cfg.seed)
+    labels = _labels_of(task, train_ex, saved.get("task", {}).get("labels") if resume else None)
+    train_y = label_ids(task, train_ex, labels, str(data))
+    dev_y = label_ids(task, dev_ex, labels, str(dev or data))
+
+    # --- model and tokenizer: the task tokens and the head are added here ---------------------
+    torch.manual_seed(cfg.seed)  # same init (new embedding rows, head) on every rank
+    if resume:
+        tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
+        model = GPT(GPTConfig.from_dict(saved["model"]))
+        origin = f"resumed {out}"
+    else:
+        if init_from is not None:
+            model, tok = load_pretrained(init_from, model_overrides)
+            origin = f"pretrained run {init_from}"
+            if init == "random":  # same architecture and tokenizer, fresh weights
+                model = GPT(model.cfg)
+                origin = f"random init with the architecture and tokenizer of {init_from}"
+        else:
+            texts = [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]
+            base = build_tokenizer(tokenizer, texts, progress=not quiet)  # char / bpe:N are trained on the texts
+            model = random_model(preset_name, base, model_overrides)
+            tok = base
+            origin = f"random init, preset {preset_name}, tokenizer {tokenizer}"
+        tok, _ = add_task_tokens(tok, model)
+        model.add_head(HEAD_OF_TASK[task], len(labels) if labels else 1, model.cfg.head_pdrop)
+    check_vocab(model.cfg, tok, "finetune")
+    T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
+    cfg = dataclasses.replace(cfg, block_size=T)
+    train_seqs = encode_examples(task, train_ex, tok, T)
+    dev_seqs = encode_examples(task, dev_ex, tok, T)
+
+    info, device = D.init_distributed(cfg.device)
+    cfg = schedule_for(cfg, given, len(train_ex), epochs, info.world)
+    model = model.to(device)
+    task_cfg = {"type": task, "fields": fields.to_dict(), "labels": labels, "lm_coef": lm_coef, "epochs": epochs,
+                "n_train": len(train_ex), "n_dev": len(dev_ex)}
+    if info.is_main:
+        init_cfg = saved.get("init") if resume else (
+            {"from": str(Path(init_from).resolve()), "weights": "random" if init == "random" else "pretrained"}
+            if init_from is not None
+            else {"random": preset_name, "tokenizer": tokenizer})
+        write_run_config(out, model.cfg, tok, stage="finetune", train=cfg.to_dict(), task=task_cfg, init=init_cfg,
+                         data={"train": str(Path(data).resolve()), "dev": str(Path(dev).resolve()) if dev else None,
+                               "dev_fraction": 0.0 if dev else dev_fraction})
+        if not quiet:
+            print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · head {model.cfg.head}"
+                  f"×{model.cfg.head_out} · context {T} · special tokens {', '.join(TASK_TOKENS)}")
+            print(f"task: {task} · {len(train_ex):,} train / {len(dev_ex):,} dev examples"
+                  + (f" · labels {labels}" if labels else "") + f" · λ (lm_coef) {lm_coef:g}")
+            print(f"train: recipe {cfg.recipe} · batch {cfg.batch_size}×{cfg.grad_accum}×{info.world} · lr {cfg.lr:g} "
+                  f"linear, warmup {cfg.warmup_iters} · {cfg.max_iters} steps "
+                  f"({cfg.max_iters * cfg.batch_size * cfg.grad_accum * info.world / len(train_ex):.2f} epochs) · "
+                  f"{cfg.dtype} on {device}")
+    D.barrier(info)
+
+    pad = tok.eot_id
+    pad_multiple = 64 if cfg.compile else 1  # compiled graphs are specialised on the sequence length
+    order = EpochOrder(len(train_seqs), cfg.seed)
+    tokens_per_sample = max(1, round(sum(len(s) for ex in train_seqs for s in ex) / len(train_seqs)))
+
+    def batch_fn(step: int, sl: slice, n_global: int) -> Batch:
+        idx = order.indices(step, sl, n_global)
+        return collate([train_seqs[i] for i in idx], [train_y[i] for i in idx], pad, device, pad_multiple, T)
+
+    # dev batches: a fixed random subset of eval_iters batches for the periodic evals, everything at the end;
+    # sorted by length so each batch pads little
+    g = torch.Generator().manual_seed(cfg.seed)
+    subset = torch.randperm(len(dev_seqs), generator=g)[: cfg.eval_iters * cfg.batch_size].tolist()
+
+    def dev_batches(idx: list[int]):
+        idx = sorted(idx, key=lambda i: max(len(s) for s in dev_seqs[i]))
+        for k in range(0, len(idx), cfg.batch_size):
+            chunk = idx[k:k + cfg.batch_size]
+            yield collate([dev_seqs[i] for i in chunk], [dev_y[i] for i in chunk], pad, device, pad_multiple, T)
+
+    loss = FinetuneLoss(model, task, lm_coef)
+
+    def eval_fn(m: torch.nn.Module, final: bool) -> dict:
+        return loss.evaluate(m, dev_batches(list(range(len(dev_seqs))) if final else subset))
+
+    try:
+        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample, loss_fn=loss,
+                          eval_fn=eval_fn if dev_seqs else None, dist_info=info, device=device, resume=resume)
+        result = trainer.fit()
+    finally:
+        loss.close()
+        D.cleanup(info)
+    if info.is_main and not quiet:
+        acc = result.get("val_acc")
+        print(f"done: step {result['step']}" + (f" · dev accuracy {acc:.4f} · dev task loss {result['val_loss']:.4f}"
+                                                 if acc is not None else "") + f" · run dir {out}")
+    return result
