@@ -187,6 +187,7 @@ def _cmd_info(a) -> None:
         "latest_checkpoint": latest.name if latest else None,
         "last_val_loss": vals[-1]["val_loss"] if vals else None,
         "train": cfg.get("train"),
+        "task": cfg.get("task"),
     }
     if a.json:
         print(json.dumps(info, indent=2))
@@ -196,6 +197,9 @@ def _cmd_info(a) -> None:
           f"{mcfg.norm}-LN, attention {','.join(mcfg.attention)}, vocab {mcfg.vocab_size}")
     print(f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens")
     print(f"  latest checkpoint: {info['latest_checkpoint']}; last val loss: {info['last_val_loss']}")
+    if info["task"]:
+        task = info["task"]
+        print(f"  fine-tuned task: {task.get('type')} · labels {task.get('labels')} · λ {task.get('lm_coef')}")
 
 
 def _add_sampling_args(p, temperature: float = 1.0, max_new: int = 128) -> None:

@@ -252,7 +252,7 @@ def test_sst2_builtin_reads_the_real_file(shared_data, tok):
     task = load_task("sst2")
     test, pool, same = task.splits(shared_data)
     assert (len(test), len(pool), same) == (872, 67349 - 872, False)
-    assert set(test[0]) == {"label", "sentence"} and {task.gold(d) for d in test} == {0, 1}
+    assert set(test[0]) - {"_line"} == {"label", "sentence"} and {task.gold(d) for d in test} == {0, 1}
     assert task.choice_texts(test[0]) == ["negative", "positive"]
     out = run_task(_model(tok.vocab_size, 256), tok, task, shots=2, limit=4, data_root=shared_data, log_samples=True)
     assert out["n"] == 4 and out["shots_used"]["min"] == 2

@@ -34,7 +34,6 @@ task at another data file.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptlab.data.records import read_rows
 from gptlab.errors import GptlabError
 
 TASK_TYPES = ("multiple_choice", "last_word", "generate")
@@ -254,41 +254,8 @@ class Task:
 
 
 def read_records(path: str | Path, fmt: str | None = None) -> list[dict]:
-    """Rows of a .jsonl / .json / .tsv / .csv file as dicts (delimited files need a header row)."""
-    p = Path(path)
-    fmt = (fmt or p.suffix.lstrip(".")).lower()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise GptlabError(f"cannot read {p}: {e}") from None
-    if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise GptlabError(f"{p}:{i}: not JSON ({e})") from None
-    elif fmt == "json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GptlabError(f"{p}: not JSON ({e})") from None
-        rows = obj if isinstance(obj, list) else next((obj[k] for k in ("data", "examples", "rows") if isinstance(obj, dict) and isinstance(obj.get(k), list)), None)
-        if rows is None:
-            raise GptlabError(f"{p}: expected a JSON list of objects (or {{\"data\": [...]}})")
-    elif fmt in ("tsv", "csv"):
-        kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-        rows = [dict(r) for r in csv.DictReader(text.splitlines(), **kw)]
-        if rows and any(None in r for r in rows):
-            raise GptlabError(f"{p}: a row has more columns than the header")
-    else:
-        raise GptlabError(f"{p}: unknown data format {fmt!r} (use .jsonl, .json, .tsv or .csv, or data.format)")
-    if not all(isinstance(r, dict) for r in rows):
-        raise GptlabError(f"{p}: every example must be an object with named fields")
-    if not rows:
-        raise GptlabError(f"{p}: no examples")
-    return rows
+    """Rows of a .jsonl / .json / .tsv / .csv file as dicts: the one reader of gptlab.data.records."""
+    return read_rows(path, fmt)
 
 
 def load_task(spec: str | Path | dict) -> Task:

@@ -296,6 +296,9 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 def _check_exportable(cfg: GPTConfig) -> str:
     """-> HF model_type, or a one-line refusal naming what has no HF equivalent."""
+    if cfg.head:
+        raise GptlabError(f"cannot export: this run has a fine-tuned {cfg.head} head, which GPT2LMHeadModel has no "
+                          "place for; export the pretrained run it started from")
     if cfg.n_head * cfg.head_dim != cfg.n_embd:
         raise GptlabError(f"cannot export: attention width n_head·head_dim = {cfg.n_head * cfg.head_dim} ≠ n_embd "
                           f"{cfg.n_embd} (HF GPT-2/GPT-1 derive head_dim from n_embd)")

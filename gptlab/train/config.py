@@ -97,7 +97,6 @@ def resolve_train_config(recipe: str, *layers: dict) -> TrainConfig:
     if recipe not in RECIPES:
         raise GptlabError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     merged: dict = {"recipe": recipe, **RECIPES[recipe]}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     for layer in layers:
         merged.update(coerce_fields(TrainConfig, layer, "train"))
     merged["recipe"] = recipe

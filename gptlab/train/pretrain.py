@@ -26,7 +26,10 @@ def build_model_config(preset_name: str, model_overrides: dict, vocab_size: int)
     """Preset ← overrides; the vocabulary comes from the tokenizer unless set explicitly."""
     overrides = dict(model_overrides)
     overrides.setdefault("vocab_size", vocab_size)
-    return preset(preset_name, **overrides)
+    cfg = preset(preset_name, **overrides)
+    if cfg.head:
+        raise GptlabError("pretraining trains the LM head only; task heads are added by `gptlab finetune`")
+    return cfg
 
 
 @torch.no_grad()
