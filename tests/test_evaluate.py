@@ -261,7 +261,8 @@ def test_sst2_builtin_reads_the_real_file(shared_data, tok):
     ctx = out["samples"][0]["context"]
     assert ctx.startswith("Classify the sentiment") and ctx.endswith(f"Sentence: {test[0]['sentence']}\nSentiment:")
     assert ctx.count("\nSentiment: positive\n\n") + ctx.count("\nSentiment: negative\n\n") == 2
-    assert load_task(f"sst2={shared_data / 'sst2' / 'train.tsv'}").splits()[0] == test
+    # another file given on the command line is evaluated whole (e.g. GLUE's 872-line dev.tsv)
+    assert len(load_task(f"sst2={shared_data / 'sst2' / 'train.tsv'}").splits()[0]) == 67349
 
 
 def test_task_files_are_checked():
@@ -461,3 +462,4 @@ def test_adapter_without_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "gptlab.evaluate.lm_eval_adapter", raising=False)
     with pytest.raises(GptlabError, match=r"pip install gptlab\[eval\]"):
         importlib.import_module("gptlab.evaluate.lm_eval_adapter")
+

@@ -29,13 +29,18 @@ class DemoSampler:
             raise GptlabError(f"{k} shots requested but the demonstration pool has only {others} other examples")
         # from another split: k draws; from the test split: k + 1 draws, minus the example (lm-eval's way).
         # Either way an identical copy of the example is never shown (its answer would leak).
-        res = [x for x in self.rnd.sample(self.pool, k + int(self.same_split)) if x != doc][:k]
+        key = _content(doc)  # compare content: rows carry their file line (`_line`), copies do not share it
+        res = [x for x in self.rnd.sample(self.pool, k + int(self.same_split)) if _content(x) != key][:k]
         if len(res) < k:  # the pool holds copies of doc: draw again from the pool without any of them
-            rest = [x for x in self.pool if x != doc]
+            rest = [x for x in self.pool if _content(x) != key]
             if len(rest) < k:
                 raise GptlabError(f"{k} shots requested but the pool has only {len(rest)} examples unlike this one")
             res = self.rnd.sample(rest, k)
         return res
+
+
+def _content(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "_line"}
 
 
 def fit_shots(n_tokens: Callable[[int], int], k: int, budget: int) -> int:

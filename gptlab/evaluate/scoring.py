@@ -171,7 +171,9 @@ def score_pairs(model, pairs: Sequence[Pair], batch_size: int = 16, vocab_size: 
             continue
         if len(cont) > T:
             raise GptlabError(f"a continuation of {len(cont)} tokens does not fit the context window of {T} tokens")
-        if share_prefix and len(ctx) + len(cont) - 1 <= T:
+        # strict: a shared-prefix row whose last query sat at position T-1 could attend to the clamped
+        # positions of another row's padding in the same batch
+        if share_prefix and len(ctx) + len(cont) <= T:
             groups.setdefault(tuple(ctx), []).append(i)
             conts[i] = cont
         else:

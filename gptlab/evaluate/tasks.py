@@ -274,8 +274,9 @@ def load_task(spec: str | Path | dict) -> Task:
     else:
         raise GptlabError(f"unknown task {spec!r}: not a task file, nor a built-in ({', '.join(list_builtin_tasks())})")
     if override:
-        task.data = {k: v for k, v in task.data.items() if k != "train"} | {"test": override}
-        task.data.pop("format", None)
+        # another test file is evaluated whole: the built-in's train file and hold-out split no longer apply
+        drop = {"train", "format", "test_size", "test_fraction", "split_seed"}
+        task.data = {k: v for k, v in task.data.items() if k not in drop} | {"test": override}
         task.base_dir = Path.cwd()  # a path given on the command line is relative to where it was typed
     return task
 

@@ -72,7 +72,9 @@ def predict(run: Run, inputs: Iterable, batch_size: int = 32) -> list[Prediction
     seqs = encode_examples(task, examples, run.tokenizer, block)
     device = model.wte.weight.device
     out: list[Prediction] = []
-    for k in range(0, len(seqs), max(1, batch_size)):
+    if batch_size < 1:
+        raise GptlabError(f"batch size must be ≥ 1, got {batch_size}")
+    for k in range(0, len(seqs), batch_size):
         chunk = seqs[k:k + batch_size]
         b = collate(chunk, None, run.tokenizer.eot_id, device)
         probs = torch.softmax(task_scores(model, model.hidden(b.x), b.extract, b.counts, task).float(), -1).cpu()
