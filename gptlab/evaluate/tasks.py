@@ -100,6 +100,8 @@ class Task:
             raise GptlabError(f"{source}: unknown data keys {sorted(set(data) - _DATA_KEYS)} (known: {', '.join(sorted(_DATA_KEYS))})")
         kw = {k: v for k, v in d.items() if k in _TASK_KEYS}
         kw["metrics"] = tuple(kw.get("metrics") or ())
+        if not isinstance(kw.get("generation") or {}, dict):
+            raise GptlabError(f"{source}: 'generation' must be a mapping of decoding options")
         kw["generation"] = dict(kw.get("generation") or {})
         task = cls(**kw, source=source, base_dir=base_dir)
         task._check()
@@ -231,10 +233,14 @@ class Task:
         if size is None and frac is None:
             return test, test, True
         n = len(test)
-        m = int(size) if size is not None else round(float(frac) * n)
+        try:
+            m = int(size) if size is not None else round(float(frac) * n)
+            split_seed = int(d.get("split_seed", 0))
+        except (TypeError, ValueError):
+            raise GptlabError(f"{self.name}: data.test_size, test_fraction and split_seed must be numbers") from None
         if not 0 < m < n:
             raise GptlabError(f"{self.name}: cannot hold out {m} of {n} examples as the test split")
-        order = random.Random(int(d.get("split_seed", 0))).sample(range(n), n)
+        order = random.Random(split_seed).sample(range(n), n)
         held = set(order[:m])
         return [r for i, r in enumerate(test) if i in held], [r for i, r in enumerate(test) if i not in held], False
 

@@ -329,8 +329,9 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
                 model = GPT(model.cfg)
                 origin = f"random init with the architecture and tokenizer of {init_from}"
         else:
+            # char / bpe:N are built from train + dev texts (no labels), so a char vocabulary covers dev too
             texts = [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]
-            base = build_tokenizer(tokenizer, texts, progress=not quiet)  # char / bpe:N are trained on the texts
+            base = build_tokenizer(tokenizer, texts, progress=not quiet)
             model = random_model(preset_name, base, model_overrides)
             tok = base
             origin = f"random init, preset {preset_name}, tokenizer {tokenizer}"
