@@ -382,3 +382,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, pretrained):
                     init_from=pretrained, quiet=True)
     _one_line_error("not a fine-tuned run", predict, load_run(pretrained), ["abc"])
     _one_line_error("run directory not found", finetune, tmp_path / "nothing", resume=True, quiet=True)
+
+
+def test_numeric_labels_name_the_same_class_in_every_format():
+    from gptlab.finetune.data import _label_str
+
+    assert _label_str("1.0") == _label_str(1.0) == _label_str(1) == _label_str(" 1 ") == "1"
+    assert _label_str("positive") == "positive" and _label_str("0.5") == "0.5"

@@ -135,7 +135,12 @@ def _label_str(v) -> str | None:
         v = int(v)
     if isinstance(v, (dict, list)):
         raise ValueError
-    return str(v).strip()
+    s = str(v).strip()
+    try:  # "1.0" in a CSV and 1.0 in JSON name the same class as "1"
+        f = float(s)
+        return str(int(f)) if f.is_integer() and s.lower() not in ("inf", "nan") else s
+    except ValueError:
+        return s
 
 
 def rows_to_examples(task: str, rows: list[dict], fields: Fields, where: str = "data") -> list[Example]:
