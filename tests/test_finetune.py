@@ -389,3 +389,34 @@ def test_numeric_labels_name_the_same_class_in_every_format():
 
     assert _label_str("1.0") == _label_str(1.0) == _label_str(1) == _label_str(" 1 ") == "1"
     assert _label_str("positive") == "positive" and _label_str("0.5") == "0.5"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_finetune_like_one(pretrained, tmp_path, mode):
+    """The task head runs outside the trunk's forward: under DDP and FSDP2 its gradients must still be
+    reduced, so 2 processes × batch 4 follow 1 process × batch 8."""
+    import os
+    import subprocess
+    import sys
+
+    data = _write_jsonl(tmp_path / "toy.jsonl", _toy_rows(80))
+    common = ["finetune", "--from", str(pretrained), "--data", str(data), "--text-field", "review",
+              "--label-field", "stars", "--train.max_iters", "6", "--train.dtype", "float32", "--train.lr", "3e-3",
+              "--train.eval_iters", "1", "--train.log_interval", "1", "--train.checkpoint_interval", "100",
+              "--model.head_pdrop", "0"]  # no dropout: 1 and 2 processes draw different masks
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
+    one = run([sys.executable, "-m", "gptlab", *common, "--out", str(tmp_path / "one"), "--train.batch_size", "8"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab",
+               *common, "--out", str(tmp_path / "two"), "--train.batch_size", "4", "--train.distributed", mode])
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(d):
+        return [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6 and all(abs(x - y) < 1e-4 for x, y in zip(a, b))
+    wa, wb = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
+    assert torch.allclose(wa["head.1.weight"], wb["head.1.weight"], atol=1e-5)

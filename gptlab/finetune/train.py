@@ -79,6 +79,7 @@ class Batch(NamedTuple):
     extract: torch.Tensor  # (M,) position of each sequence's extract token (its last)
     counts: torch.Tensor   # (N,) sequences per example (CPU): 1, 2 (similarity) or the number of choices
     labels: torch.Tensor | None  # (N,) class ids or right-choice indices
+    lm_weight: float = 1.0  # this micro-batch's LM tokens ÷ the mean per micro-batch of the step (see batch_fn)
 
 
 def collate(seqs: list[list[list[int]]], labels: list[int] | None, pad_id: int, device=None,
@@ -172,7 +173,7 @@ class FinetuneLoss:
         _, lm = model(batch.x, batch.targets)
         logits = task_scores(self.raw, self.tap.pop(), batch.extract, batch.counts, self.task)
         task_loss = F.cross_entropy(logits.float(), batch.labels)
-        return task_loss + self.lm_coef * lm, task_loss, lm, logits
+        return task_loss + self.lm_coef * batch.lm_weight * lm, task_loss, lm, logits
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return self.terms(model, batch)[0]
@@ -372,9 +373,18 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
     order = EpochOrder(len(train_seqs), cfg.seed)
     tokens_per_sample = max(1, round(sum(len(s) for ex in train_seqs for s in ex) / len(train_seqs)))
 
+    def lm_tokens(i: int) -> int:  # LM targets of example i: every sequence predicts its tokens after the first
+        return sum(len(q) - 1 for q in train_seqs[i])
+
     def batch_fn(step: int, sl: slice, n_global: int) -> Batch:
         idx = order.indices(step, sl, n_global)
-        return collate([train_seqs[i] for i in idx], [train_y[i] for i in idx], pad, device, pad_multiple, T)
+        b = collate([train_seqs[i] for i in idx], [train_y[i] for i in idx], pad, device, pad_multiple, T)
+        # The engine averages micro-batch losses over micro-steps and processes. Sequences vary in length, so
+        # weight each micro-batch's mean LM loss by its share of the step's LM tokens: the result is the mean
+        # over all of the step's tokens, the same whether 1 process or N take the global batch.
+        step_tokens = sum(lm_tokens(i) for i in order.indices(step, slice(0, n_global), n_global))
+        micro = n_global // len(idx)
+        return b._replace(lm_weight=sum(lm_tokens(i) for i in idx) * micro / max(step_tokens, 1))
 
     # dev batches: a fixed random subset of eval_iters batches for the periodic evals, everything at the end;
     # sorted by length so each batch pads little
