@@ -420,3 +420,25 @@ def test_two_processes_finetune_like_one(pretrained, tmp_path, mode):
     assert len(a) == len(b) == 6 and all(abs(x - y) < 1e-4 for x, y in zip(a, b))
     wa, wb = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
     assert torch.allclose(wa["head.1.weight"], wb["head.1.weight"], atol=1e-5)
+
+
+def test_resume_refuses_a_new_dev_split_and_model_overrides(tmp_path):
+    data = _write_jsonl(tmp_path / "toy.jsonl", _toy_rows(40))
+    kw = dict(init="random", preset_name="tiny", tokenizer="char", fields=Fields(text="review", label="stars"),
+              model_overrides=TINY, quiet=True)
+    finetune(tmp_path / "r", data, train_layers=({**FAST, "batch_size": 8, "max_iters": 2},), **kw)
+    other = _write_jsonl(tmp_path / "dev.jsonl", _toy_rows(10, seed=3))
+    with pytest.raises(GptlabError, match="resume without --dev"):
+        finetune(tmp_path / "r", dev=other, train_layers=({"max_iters": 4},), resume=True, quiet=True)
+    with pytest.raises(GptlabError, match="cannot change a run being resumed"):
+        finetune(tmp_path / "r", model_overrides={"head_pdrop": 0.3}, train_layers=({"max_iters": 4},), resume=True,
+                 quiet=True)
+    finetune(tmp_path / "r", train_layers=({"max_iters": 4},), resume=True, quiet=True)  # plain resume still works
+
+
+def test_real_valued_similarity_scores_are_refused(tmp_path):
+    rows = [{"text": f"a {i}", "text2": f"b {i}", "label": str(i % 5 + 0.5)} for i in range(20)]
+    data = _write_jsonl(tmp_path / "sts.jsonl", rows)
+    with pytest.raises(GptlabError, match="real-valued scores"):
+        finetune(tmp_path / "s", data, task="similarity", init="random", preset_name="tiny", tokenizer="char",
+                 model_overrides=TINY, train_layers=({**FAST, "max_iters": 1},), quiet=True)

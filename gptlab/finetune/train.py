@@ -246,6 +246,9 @@ def _labels_of(task: str, train: list[Example], saved: list[str] | None) -> list
         return list(saved)
     if len(names) < 2:
         raise GptlabError(f"the training data has a single label {names}; a classifier needs at least two")
+    if task == "similarity" and any("." in n for n in names):
+        raise GptlabError(f"similarity labels {names[:4]}… look like real-valued scores (STS-B); the similarity "
+                          "task here is a classifier over label classes, so bin the scores first")
     return names
 
 
@@ -269,7 +272,13 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
         if task is not None and task != st.get("type"):
             raise GptlabError(f"{out} was fine-tuned for {st.get('type')}; cannot resume it as {task}")
         task, data = st["type"], data or sd_.get("train")
-        dev = dev or sd_.get("dev")
+        if dev is not None and str(Path(dev).resolve()) != str(sd_.get("dev")):
+            # a different dev split changes the training set, so the resumed batches would not be the original's
+            raise GptlabError(f"{out} was fine-tuned with dev {sd_.get('dev') or f'split off --data'}; "
+                              "resume without --dev (or with the same one)")
+        if model_overrides:
+            raise GptlabError("--model.* options cannot change a run being resumed; they were fixed when it started")
+        dev = sd_.get("dev")
         dev_fraction = sd_.get("dev_fraction", 0.1) if dev_fraction is None else dev_fraction
         kept = Fields(**st.get("fields", {}))  # the saved mapping, field by field unless given again
         fields = Fields(**{k: getattr(fields, k, None) or v for k, v in kept.to_dict().items()})
