@@ -63,7 +63,7 @@ def main() -> None:
 
     results["transformers fp32, batch 1"] = 128 / timed(lambda: hf_gen(1, 128))
     results["transformers fp32, batch 8"] = 8 * 64 / timed(lambda: hf_gen(8, 64))
-    del hf
+    hf = None  # free its weights before gptlab loads the same ones
 
     for dtype in (torch.float32, torch.bfloat16):
         run = load_run(work / "run")
@@ -82,7 +82,7 @@ def main() -> None:
         else:
             weight_bytes_bf16 = sum(p.numel() * p.element_size() for p in gen.model.parameters()) - \
                 gen.model.wpe.weight.numel() * 2
-        del gen, run
+        gen = run = None
 
     bw = read_bandwidth()
     print(f"GPT-2 124M, random weights, 32-token prompt, greedy, CPU {torch.get_num_threads()} threads; "

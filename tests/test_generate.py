@@ -239,7 +239,7 @@ def test_earliest_stop_string_wins_and_bad_prompts_are_refused(tok):
         g.generate([[1, 10**6]])
 
 
-def test_beam_search_prefers_a_finished_hypothesis_it_scored_higher(tok):
+def test_beam_search_never_emits_a_stop_token(tok):
     m = _model(vocab=tok.vocab_size, seed=4)
     g = Generator(m, tok)
     ids = tok.encode("the quick")

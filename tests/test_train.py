@@ -15,7 +15,6 @@ from gptlab.model import GPT, preset
 from gptlab.run import load_run
 from gptlab.train.checkpoint import CheckpointManager
 from gptlab.train.config import TrainConfig, resolve_train_config
-from gptlab.train.engine import Trainer
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
 from gptlab.train.pretrain import pretrain
 
