@@ -1,0 +1,161 @@
+"""report/report.md and its PNG plots, from the stage results in state.json and the runs' metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gptlab.train.checkpoint import atomic_write
+from gptlab.train.metrics import plot_loss, read_metrics
+
+
+def _f(v, nd: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return "—" if v is None else str(v)
+
+
+def _plot(curves: dict[str, list[tuple[float, float]]], png: Path, title: str, xlabel: str = "step",
+          ylabel: str = "") -> Path | None:
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), dpi=110, squeeze=False)
+    for ax, (name, pts) in zip(axes[0], curves.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def _series(metrics: Path, keys: list[str]) -> dict[str, list[tuple[float, float]]]:
+    recs = read_metrics(metrics) if metrics.exists() else []
+    return {k: [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float)) and "step" in r] for k in keys}
+
+
+def _pick(metrics: Path, words: tuple[str, ...], limit: int = 3) -> list[str]:
+    """Numeric metric keys whose name holds one of `words` (the stages' own names for reward, KL, accuracy)."""
+    recs = read_metrics(metrics) if metrics.exists() else []
+    keys: list[str] = []
+    for r in recs:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and any(w in k for w in words) and k not in keys:
+                keys.append(k)
+    return keys[:limit]
+
+
+def write_report(ctx, hashes: dict[str, str]) -> Path:
+    st, root = ctx.state, ctx.root
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    R = {name: s.get("result", {}) for name, s in st.stages.items() if hashes.get(name) == s.get("hash")}
+    lines = ["# gptlab pipeline report", "",
+             f"Corpus `{ctx.cfg.corpus}` · pipeline dir `{root}` · config `{root / 'pipeline.json'}`", "",
+             "| stage | status | time |", "|---|---|---|"]
+    for name, h in hashes.items():
+        s = st.stages.get(name, {})
+        status = "disabled" if h == "off" else (s.get("status", "not run") if s.get("hash") == h else "not run")
+        lines.append(f"| {name} | {status}{': ' + s['error'] if status == 'failed' and s.get('error') else ''} | "
+                     f"{_f(s.get('elapsed_s'), 1) + ' s' if s.get('elapsed_s') is not None else '—'} |")
+    figs: list[str] = []
+
+    if "pretrain" in R:
+        p = R["pretrain"]
+        lines += ["", "## Pretraining", "",
+                  f"{p.get('params', 0) / 1e6:.2f}M parameters ({p.get('layers')} layers × {p.get('width')}), "
+                  f"{p.get('step')} steps: val loss **{_f(p.get('val_loss'))}** (perplexity {_f(p.get('val_ppl'), 2)}) "
+                  "on the whole val split."]
+        if plot_loss(root / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png", "pretraining"):
+            figs.append("pretrain_loss.png")
+            lines += ["", "![pretraining loss](pretrain_loss.png)"]
+    if R.get("evaluate", {}).get("cloze_acc"):
+        e = R["evaluate"]
+        lines += ["", "## Zero/few-shot evaluation (pretrained model)", "",
+                  "Cloze: choose a speech's true second half among 4 (chance 25%).", "",
+                  "| shots | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {v:.1%} |" for k, v in e["cloze_acc"].items()]
+    if "synth" in R:
+        d = R["synth"]
+        lines += ["", "## Alignment data", "", "Made from the corpus by `gptlab.pipeline.synth` (see its docstring): "
+                  f"{d.get('sft', 0)} demonstrations, {d.get('preferences', 0)} ranked comparisons, "
+                  f"{d.get('prompts', 0)} PPO prompts, from {d.get('speeches', 0)} speeches by "
+                  f"{d.get('characters', 0)} characters." if "skipped" not in d else f"skipped: {d['skipped']}"]
+    if "sft" in R:
+        lines += ["", "## SFT", "", f"val loss on held-out demonstrations (assistant tokens): "
+                  f"**{_f(R['sft'].get('val_loss'))}** after {R['sft'].get('step')} steps."]
+    if "reward" in R:
+        r = R["reward"]
+        lines += ["", "## Reward model", "", f"held-out pairwise accuracy **{_f(r.get('heldout_accuracy'), 3)}** "
+                  f"(train {_f(r.get('train_accuracy'), 3)}); reward offset {_f(r.get('offset'), 3)}."]
+        m = root / "reward" / "metrics.jsonl"
+        if _plot(_series(m, _pick(m, ("acc",))), out / "reward_accuracy.png", "reward model"):
+            figs.append("reward_accuracy.png")
+            lines += ["", "![reward model accuracy](reward_accuracy.png)"]
+    if "ppo" in R:
+        p = R["ppo"]
+        lines += ["", "## PPO", "", "| | reward | KL(π‖ref) |", "|---|---|---|",
+                  f"| before (SFT) | {_f(p.get('reward_before'))} | {_f(p.get('kl_before', 0.0))} |",
+                  f"| after | {_f(p.get('reward_after'))} | {_f(p.get('kl_after'))} |"]
+        m = root / "ppo" / "metrics.jsonl"
+        if _plot(_series(m, _pick(m, ("reward", "kl"), 4)), out / "ppo_curves.png", "PPO"):
+            figs.append("ppo_curves.png")
+            lines += ["", "![PPO reward and KL](ppo_curves.png)"]
+    if "dpo" in R:
+        d = R["dpo"]
+        lines += ["", "## DPO", "", f"held-out implicit-reward accuracy {_f(d.get('heldout_reward_accuracy'), 3)}, "
+                  f"margin {_f(d.get('heldout_margin'), 3)}."]
+    rows = R.get("compress", {}).get("table") or []
+    if rows:
+        cols = list(rows[0].keys())
+        lines += ["", "## Compression (of the PPO model)", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_f(r.get(c), 3) for c in cols) + " |" for r in rows]
+        pts = sorted((float(r.get("sparsity") or 0), float(r["ppl"])) for r in rows
+                     if "ppl" in r and r.get("sparsity") is not None and "gptq" not in str(r.get("method")))
+        by_method: dict[str, list] = {}
+        for r in rows:
+            if "ppl" in r and r.get("sparsity") is not None:
+                by_method.setdefault(str(r.get("method")).split("-")[0], []).append((float(r["sparsity"]), float(r["ppl"])))
+        if pts and _plot({k: sorted(v) for k, v in by_method.items()}, out / "ppl_vs_sparsity.png",
+                         "val perplexity vs sparsity", "sparsity", "perplexity"):
+            figs.append("ppl_vs_sparsity.png")
+            lines += ["", "![perplexity vs sparsity](ppl_vs_sparsity.png)"]
+    if R.get("evaluate_final", {}).get("models"):
+        ms = R["evaluate_final"]["models"]
+        shots = sorted({k for m in ms.values() for k in m.get("cloze_acc", {})})
+        lines += ["", "## Evaluation of every model", "", "| model | val loss | val ppl | " +
+                  " | ".join(f"cloze {k}" for k in shots) + " |", "|---|---|---|" + "---|" * len(shots)]
+        lines += [f"| {k} | {_f(m['val_loss'])} | {_f(m['val_ppl'], 2)} | " +
+                  " | ".join(f"{m.get('cloze_acc', {}).get(s, 0):.1%}" for s in shots) + " |" for k, m in ms.items()]
+    if R.get("samples", {}).get("models"):
+        sm = R["samples"]
+        labels = list(sm["models"])
+        lines += ["", "## Chat samples", "", "Mean over the samples' prompts: reward-model score (normalised), "
+                  "the judge's score, and the share that ended with `<|end|>`.", "",
+                  "| model | RM reward | judge | finished |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_f(v['rm_reward'], 3)} | {_f(v['judge'], 3)} | {v['finished']:.0%} |"
+                  for k, v in sm["models"].items()]
+        for i, prompt in enumerate(sm["prompts"][:4]):
+            lines += ["", f"**User:** {prompt}", "", "| model | reply |", "|---|---|"]
+            lines += [f"| {k} | {_cell(sm['models'][k]['replies'][i])} |" for k in labels]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(R, indent=2, default=str)))
+    return out / "report.md"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " / ")[:300] or "(empty)"
