@@ -296,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_finetune_parser(sub)
     add_classify_parser(sub)
+    from gptlab.compress.cli import add_compress_parser
+
+    add_compress_parser(sub)
+    from gptlab.align.cli import add_dpo_parser, add_reward_parser, add_sft_parser
+
+    add_sft_parser(sub)
+    add_reward_parser(sub)
+    add_dpo_parser(sub)
+    from gptlab.align.ppo_cli import add_ppo_parser, add_rlhf_parser
+
+    add_ppo_parser(sub)
+    add_rlhf_parser(sub)
+
+    from gptlab.pipeline.cli import add_pipeline_parser
+
+    add_pipeline_parser(sub)
+
+    from gptlab.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     i = sub.add_parser("info", help="describe a run directory")
     i.add_argument("run_dir")
@@ -305,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"tokenizer": _cmd_tokenizer, "prepare": _cmd_prepare, "pretrain": _cmd_pretrain,
             "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "convert": lambda a: a.func(a),
-            "evaluate": lambda a: a.func(a), "finetune": lambda a: a.func(a), "classify": lambda a: a.func(a)}
+            "evaluate": lambda a: a.func(a), "finetune": lambda a: a.func(a), "classify": lambda a: a.func(a), "compress": lambda a: a.func(a),
+            "sft": lambda a: a.func(a), "reward": lambda a: a.func(a), "dpo": lambda a: a.func(a), "ppo": lambda a: a.func(a), "rlhf": lambda a: a.func(a), "pipeline": lambda a: a.func(a),
+            "serve": lambda a: a.func(a)}
 
 
 def main(argv: list[str] | None = None) -> int:

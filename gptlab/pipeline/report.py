@@ -119,17 +119,18 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
                   f"margin {_f(d.get('heldout_margin'), 3)}."]
     rows = R.get("compress", {}).get("table") or []
     if rows:
-        cols = list(rows[0].keys())
-        lines += ["", "## Compression (of the PPO model)", "", "| " + " | ".join(cols) + " |",
-                  "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_f(r.get(c), 3) for c in cols) + " |" for r in rows]
-        pts = sorted((float(r.get("sparsity") or 0), float(r["ppl"])) for r in rows
-                     if "ppl" in r and r.get("sparsity") is not None and "gptq" not in str(r.get("method")))
+        cols = [c for c in ("method", "bits", "sparsity", "params", "size_mb", "val_ppl", "decode_tok_s") if c in rows[0]]
+        lines += ["", "## Compression (of the PPO model)", "", "| model | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {Path(str(r.get('run', '?'))).name} | " + " | ".join(_f(r.get(c), 3) for c in cols) + " |"
+                  for r in rows]
+        dense = [(0.0, float(r["val_ppl"])) for r in rows if r.get("method") == "dense" and "val_ppl" in r]
         by_method: dict[str, list] = {}
-        for r in rows:
-            if "ppl" in r and r.get("sparsity") is not None:
-                by_method.setdefault(str(r.get("method")).split("-")[0], []).append((float(r["sparsity"]), float(r["ppl"])))
-        if pts and _plot({k: sorted(v) for k, v in by_method.items()}, out / "ppl_vs_sparsity.png",
+        for r in rows:  # perplexity against sparsity, per pruning method, each starting from the dense model
+            m = str(r.get("method", "")).split(" ")[0]
+            if "val_ppl" in r and (r.get("sparsity") or 0) > 0.05 and m not in ("int8", "dense"):
+                by_method.setdefault(m, list(dense)).append((float(r["sparsity"]), float(r["val_ppl"])))
+        if by_method and _plot({k: sorted(v) for k, v in by_method.items()}, out / "ppl_vs_sparsity.png",
                          "val perplexity vs sparsity", "sparsity", "perplexity"):
             figs.append("ppl_vs_sparsity.png")
             lines += ["", "![perplexity vs sparsity](ppl_vs_sparsity.png)"]

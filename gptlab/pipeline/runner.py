@@ -75,13 +75,13 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, only: st
         h, c = hashes[s.name], section_of(cfg, s)
         head = f"[{_bar(i - 1, len(active))}] {i:>2}/{len(active)} {s.name:<15}"
         if s.name != "serve" and s.name not in forced and state.is_done(s.name, h):
-            say(f"{head} cached (finished {_fmt(state.stages[s.name].get('elapsed_s', 0))} earlier run)")
+            say(f"{head} cached (took {_fmt(state.stages[s.name].get('elapsed_s', 0))} when it ran)")
             continue
         if s.name == "serve":
             write_report(ctx, hashes)  # the report is complete before the server blocks
         out = root / (s.name if s.out == "=" else s.out) if s.out else None
-        resume = bool(s.trains and out and state.was_started(s.name, h) and (out / LATEST_FILE).exists()
-                      and s.name not in forced)
+        # an interrupted run of the same config continues from its checkpoint (also under --from/--only)
+        resume = bool(s.trains and out and state.was_started(s.name, h) and (out / LATEST_FILE).exists())
         if out and not resume:
             shutil.rmtree(out, ignore_errors=True)  # stale output of another config: start clean
         say(f"{head} {'resuming from its last checkpoint' if resume else 'running'} …")
