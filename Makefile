@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   create .venv, install, fetch the Shakespeare corpus, train a small GPT on the CPU, sample
+#   make demo   create .venv, install, fetch the Shakespeare corpus, run `gptlab pipeline` (about 20 min on 2 CPU cores)
 #   make test   install the dev extras and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,13 +24,11 @@ $(VENV)/.dev: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
-data/shakespeare/meta.json: | $(VENV)/.installed
-	$(BIN)/gptlab prepare shakespeare --out data/shakespeare --tokenizer bpe:4000
-
-demo: $(VENV)/.installed data/shakespeare/meta.json
-	rm -rf runs/demo
-	$(BIN)/gptlab pretrain --config configs/demo.yaml
-	$(BIN)/gptlab sample runs/demo --prompt "ROMEO." --max-new-tokens 120 --num-samples 2 --temperature 0.8
+# The whole story on the embedded default config: tokenizer → prepare → pretrain → evaluate → SFT → reward
+# model → PPO → compress → evaluate → chat samples, with runs/pipeline/report/report.md. Re-running skips
+# finished stages and resumes an interrupted one.
+demo: $(VENV)/.installed
+	$(BIN)/gptlab pipeline --out runs/pipeline
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

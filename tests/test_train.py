@@ -231,3 +231,30 @@ def test_two_processes_match_one_with_same_global_batch(char_data, tmp_path, mod
         assert la == pytest.approx(lb, abs=1e-5)
     wa, wb = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_an_optimizer_step_invalidates_the_generators_packed_weights():
+    # the fused AdamW kernel writes weights without bumping their version; the Generator's prepacked CPU
+    # weights are keyed on it, so without the optimizer's hook a policy trained between rollouts (PPO)
+    # would keep sampling from its old weights
+    from gptlab.generate import Generator, SamplingParams
+    from gptlab.tokenizer.char import CharTokenizer
+
+    torch.manual_seed(0)
+    tok = CharTokenizer("abcdefgh")
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=32))
+    opt = make_optimizer(model, TrainConfig(lr=0.5), "cpu")
+    gen = Generator(model, tok)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    before = gen.generate(["ab"], greedy)[0].token_ids
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    v = model.wte.weight._version
+    opt.step()
+    assert model.wte.weight._version > v
+    after = gen.generate(["ab"], greedy)[0].token_ids
+    x = torch.tensor([tok.encode("ab")])
+    with torch.no_grad():
+        want = model(x)[0][0, -1].argmax().item()  # the plain forward with the new weights
+    assert after[0] == want and after != before

@@ -4,25 +4,47 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Callable
 
 import torch
 
 from gptlab.train.config import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """Matrices and embeddings decay; biases and LayerNorm gains (1-D tensors) do not (GPT-1 §4.1, GPT-3)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str,
+                   lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """Matrices and embeddings decay; biases and LayerNorm gains (1-D tensors) do not (GPT-1 §4.1, GPT-3).
+    With lr_scale(name) (names without DDP/compile prefixes), parameters are further grouped by their lr
+    multiplier, kept as the group's "lr_scale" (the engine sets lr = scheduled lr × lr_scale)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lr_scale is None:
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        by: dict[tuple[bool, float], list] = {}
+        for n, p in params.items():
+            name = n.replace("_orig_mod.", "").removeprefix("module.")
+            by.setdefault((p.dim() >= 2, float(lr_scale(name))), []).append(p)
+        groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": sc}
+                  for (decay, sc), ps in by.items()]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu"):
         try:  # one fused kernel per step instead of a loop over tensors
-            return torch.optim.AdamW(groups, fused=True, **kw)
+            opt = torch.optim.AdamW(groups, fused=True, **kw)
+            opt.register_step_post_hook(_bump_versions)
+            return opt
         except (RuntimeError, TypeError):  # e.g. DTensor params under FSDP on some versions
             pass
     return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """The fused kernel updates weights without bumping their version counter (the foreach path does);
+    caches keyed on it (the generator's prepacked weights) must see every step, e.g. PPO's rollouts."""
+    from torch.autograd.graph import increment_version
+
+    increment_version([p for g in opt.param_groups for p in g["params"]])
 
 
 def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
