@@ -148,9 +148,11 @@ class CheckpointManager:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     def save(self, step: int, opt_sd: dict | None, state: dict, model_sd: dict[str, torch.Tensor],
-             extra: dict[str, torch.Tensor] | None = None) -> Path:
+             extra: dict[str, torch.Tensor] | None = None, export_sd: dict[str, torch.Tensor] | None = None) -> Path:
         """Write checkpoints/step_N (weights, optimizer + `extra` tensors such as RNG states, state.json),
-        then the top-level weights, then latest.json: each step atomic, the previous one intact until then."""
+        then the top-level weights, then latest.json: each step atomic, the previous one intact until then.
+        The top-level weights are a copy of the checkpoint's, or `export_sd` when given (e.g. PPO's actor
+        alone, while its checkpoints also hold the critic)."""
         final = self.ckpt_dir / f"step_{step:07d}"
         tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +168,10 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.ckpt_dir)
-        atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
+        if export_sd is None:
+            atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
+        else:
+            atomic_write(self.run_dir / MODEL_FILE, lambda p: save_file(export_sd, p, metadata={"format": "gptlab"}))
         atomic_write_json(self.run_dir / LATEST_FILE, {"step": step, "checkpoint": final.name})
         _fsync_dir(self.run_dir)
         self._prune(keep=final)

@@ -27,7 +27,7 @@ from gptlab.train.metrics import MetricsLogger, measure_peak_flops, plot_loss
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
 
 BatchFn = Callable[[int, slice, int], tuple]  # (step, samples of the global batch, global batch size) -> tensors
-LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor | None]  # None: skip this micro-batch (no backward)
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -40,8 +40,18 @@ class Trainer:
                  tokens_per_sample: int, loss_fn: LossFn = lm_loss,
                  eval_fn: Callable[[torch.nn.Module, bool], dict] | None = None,
                  sample_fn: Callable[[torch.nn.Module, int], str] | None = None,
-                 dist_info: D.DistInfo | None = None, device: torch.device | None = None, resume: bool = False):
+                 dist_info: D.DistInfo | None = None, device: torch.device | None = None, resume: bool = False,
+                 metrics_fn: Callable[[], dict] | None = None,
+                 export_fn: Callable[[dict], dict] | None = None,
+                 lr_scale: Callable[[str], float] | None = None):
+        """Optional hooks for stages with several models in one module (e.g. PPO's actor + critic):
+        metrics_fn() -> extra values merged into each logged record; export_fn(full state dict) -> the
+        weights the run dir's top-level model.safetensors holds (checkpoints keep everything, for resume);
+        lr_scale(parameter name) -> a multiplier of the scheduled lr for that parameter. A loss_fn may
+        return None to skip its micro-batch; a step whose micro-batches were all skipped makes no
+        optimizer update (the step still counts, so batches stay a function of the step)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.metrics_fn, self.export_fn = metrics_fn, export_fn
         self.info = dist_info or D.DistInfo()
         self.device = device or next(model.parameters()).device
         self.raw = model  # unwrapped: what we save and evaluate
@@ -57,7 +67,7 @@ class Trainer:
         self.sharded = self.info.enabled and cfg.distributed == "fsdp"
         self.model = D.wrap_model(model, self.info, self.device, cfg.distributed)
         self.raw_ddp = self.model  # the DDP wrapper (for no_sync) before any torch.compile
-        self.opt = make_optimizer(self.model, cfg, self.device.type)
+        self.opt = make_optimizer(self.model, cfg, self.device.type, lr_scale)
         if resume:
             self._resume()
         else:  # dropout differs across ranks; init (seeded by the caller) was identical
@@ -81,7 +91,10 @@ class Trainer:
         else:
             load_state_into(self.raw, model_sd, path)
             if opt_sd is not None:
+                scales = [g.get("lr_scale", 1.0) for g in self.opt.param_groups]
                 self.opt.load_state_dict(opt_sd)
+                for g, sc in zip(self.opt.param_groups, scales):  # this run's setting, like the other hyper-parameters
+                    g["lr_scale"] = sc
         for g in self.opt.param_groups:  # hyper-parameters come from this run's config, not the checkpoint
             g.update(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps)
             g["weight_decay"] = self.cfg.weight_decay if g["weight_decay"] else 0.0
@@ -119,11 +132,14 @@ class Trainer:
         rngs = D.gather_objects(torch.get_rng_state(), self.info)
         cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
         if self.info.is_main:
-            if getattr(self.raw.cfg, "tie_embeddings", False):
+            if getattr(getattr(self.raw, "cfg", None), "tie_embeddings", False):
                 model_sd = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
             extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
+            export = None
+            if self.export_fn is not None:
+                export = {k: v.detach().contiguous() for k, v in self.export_fn(model_sd).items()}
             self.ckpt.save(self.step, opt_sd, {"tokens": self.tokens, "mode": "fsdp" if self.sharded else "replicated"},
-                           {k: v.detach().contiguous() for k, v in model_sd.items()}, extra)
+                           {k: v.detach().contiguous() for k, v in model_sd.items()}, extra, export_sd=export)
         D.barrier(self.info)
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -158,9 +174,10 @@ class Trainer:
             accum = accum_at(cfg, self.tokens, tokens_per_micro)
             lr = lr_at(cfg, self.step, self.tokens)
             for g in self.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             n_global = B * accum * world
             loss_sum = torch.zeros((), device=self.device)
+            used = 0
             for m in range(accum):
                 start = (m * world + info.rank) * B
                 batch = self.batch_fn(self.step, slice(start, start + B), n_global)
@@ -170,10 +187,17 @@ class Trainer:
                 no_sync = info.enabled and not self.sharded and not last_micro
                 with (self.raw_ddp.no_sync() if no_sync else contextlib.nullcontext()), self.autocast:
                     loss = self.loss_fn(self.model, batch)
+                if loss is None:  # the stage skips this micro-batch (e.g. PPO's ratio guard)
+                    if info.enabled:
+                        raise GptlabError("skipping micro-batches is not supported with several processes")
+                    continue
                 (loss / accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            self.opt.step()
+                used += 1
+            grad_norm = None
+            if used:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             bad |= ~torch.isfinite(loss_sum)  # checked at log and save time: no per-step host sync
             self.step += 1
@@ -190,6 +214,8 @@ class Trainer:
                 last = dict(loss=loss_val, lr=lr, tokens=self.tokens, tok_per_s=tps, mfu=mfu, batch_tokens=n_global * self.tokens_per_sample)
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
+                if self.metrics_fn is not None:
+                    last.update(self.metrics_fn() or {})
                 self.metrics.log(self.step, **last)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
                 t0, tok0 = time.perf_counter(), self.tokens

@@ -1,0 +1,102 @@
+"""`gptlab ppo` and `gptlab rlhf`: parsers with set_defaults(func=...), wired into gptlab/cli.py.
+
+Config: --config YAML (PPOConfig keys at the top level for `ppo`; sections reward: {...} and ppo: {...}
+for `rlhf`), then --ppo.KEY VALUE flags (the later wins)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+def _add_ppo_keys(p: argparse.ArgumentParser) -> None:
+    from gptlab.align.ppo import PPOConfig
+
+    g = p.add_argument_group("PPO options (--ppo.KEY VALUE; 'none' clears an optional one)")
+    for f in dataclasses.fields(PPOConfig):
+        g.add_argument(f"--ppo.{f.name}", dest=f"ppo.{f.name}", metavar="V", default=argparse.SUPPRESS,
+                       help=f"{f.metadata.get('help', '')} [default: {f.default}]")
+
+
+def _ppo_layer(a, yaml_section: dict) -> dict:
+    from gptlab.errors import GptlabError
+
+    if not isinstance(yaml_section, dict):
+        raise GptlabError(f"{a.config}: the PPO settings must be a mapping of keys to values")
+    flags = {k.split(".", 1)[1]: v for k, v in vars(a).items() if k.startswith("ppo.")}
+    return {**yaml_section, **flags}
+
+
+def _cmd_ppo(a) -> None:
+    from gptlab.align.ppo import ppo
+    from gptlab.config import load_yaml
+
+    y = load_yaml(a.config)
+    result = ppo(a.out, a.prompts, actor_from=a.init_from, reward_from=a.reward, reward_fn=a.reward_fn,
+                 critic_from=a.critic_from, reference_from=a.reference_from, config=_ppo_layer(a, y), resume=a.resume)
+    if a.json:
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, list, type(None)))}))
+
+
+def add_ppo_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("ppo", help="InstructGPT step 3: PPO against a reward model (or a Python reward function), "
+                                   "KL-penalised against the frozen SFT reference")
+    p.add_argument("--from", dest="init_from", metavar="RUN_DIR", help="the SFT run: initial policy and KL reference")
+    p.add_argument("--prompts", help="prompt file: .txt (one per line), JSONL/JSON/CSV of {prompt} or {messages}, or "
+                                     "a preference/SFT file (its prompts)")
+    p.add_argument("--out", required=True, help="run directory to write (a normal run dir: `gptlab chat OUT`)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--reward", metavar="RUN_DIR",
+                   help="reward-model run (gptlab reward train); also the critic's start")
+    r.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
+                   help="reward_fn(prompts, responses) -> list[float] instead of a reward model (prompts: the rendered "
+                        "chat text; responses: the sampled text)")
+    p.add_argument("--critic-from", metavar="RUN_DIR",
+                   help="start the critic from this run instead [default: the reward model, or the SFT trunk with a "
+                        "new value head]")
+    p.add_argument("--reference-from", metavar="RUN_DIR", help="KL reference, when not the --from run (e.g. the SFT "
+                                                               "run when continuing an earlier PPO policy)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--config", help="YAML of PPO keys (as --ppo.KEY)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    _add_ppo_keys(p)
+    p.set_defaults(func=_cmd_ppo)
+    return p
+
+
+def _cmd_rlhf(a) -> None:
+    from gptlab.align.rlhf import rlhf
+    from gptlab.config import load_yaml
+    from gptlab.errors import GptlabError
+
+    y = load_yaml(a.config)
+    unknown = set(y) - {"reward", "ppo"}
+    if unknown:
+        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (an rlhf YAML holds reward: {{...}} "
+                          "and ppo: {...})")
+    reward = y.get("reward") or {}
+    if not isinstance(reward, dict):
+        raise GptlabError(f"{a.config}: 'reward' must be a mapping of keys to values")
+    prefs = a.preferences[0] if len(a.preferences) == 1 else (a.preferences or None)
+    rlhf(a.out, sft_from=a.init_from, preferences=prefs, prompts=a.prompts, rounds=a.rounds, reward=reward,
+         ppo=_ppo_layer(a, y.get("ppo") or {}), judge=a.judge)
+
+
+def add_rlhf_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("rlhf", help="repeat InstructGPT steps 2 and 3: rounds of reward-model training and PPO "
+                                    "(out/round_N/{reward,ppo}, summary.json)")
+    p.add_argument("--from", dest="init_from", metavar="RUN_DIR", required=True, help="the SFT run")
+    p.add_argument("--preferences", action="append", default=[],
+                   help="preference file for the reward model; repeat for one per round (the last repeats)")
+    p.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="judge(prompt_messages, responses) -> indices best first: rounds after the first (all rounds "
+                        "without --preferences) train on fresh comparisons of the current policy's samples")
+    p.add_argument("--prompts", required=True, help="PPO prompt file")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", required=True, help="directory for round_1/, round_2/, ... and summary.json")
+    p.add_argument("--config", help="YAML with reward: {...} (train_reward keys: epochs, heldout_fraction, train, "
+                                    "reference; and init, judge_samples, judge_prompts) and ppo: {...} (PPO keys)")
+    _add_ppo_keys(p)
+    p.set_defaults(func=_cmd_rlhf)
+    return p

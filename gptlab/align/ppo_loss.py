@@ -1,0 +1,104 @@
+"""The trained half of PPO: `ActorCritic` (actor + critic in one module for the one engine) and
+`PPOLoss` (clipped policy loss + value loss (+ PPO-ptx), the ratio guard, per-step statistics)."""
+
+from __future__ import annotations
+
+import torch
+
+from gptlab.align.experience import response_logits
+from gptlab.align.losses import entropy_from_logits, masked_mean, policy_loss, token_logprobs, value_loss
+from gptlab.align.ppo_config import PPOConfig
+from gptlab.align.reward import token_scores
+from gptlab.align.stage import unwrap
+from gptlab.model import GPT
+
+
+# --- the trained pair ------------------------------------------------------------------------------
+class ActorCritic(torch.nn.Module):
+    """Actor (a GPT with its LM head) and critic (a GPT with a scalar head) trained together. `forward`
+    returns the actor's log-probs and entropy and the critic's values at the response positions."""
+
+    def __init__(self, actor: GPT, critic: GPT, temperature: float = 1.0):
+        super().__init__()
+        self.actor, self.critic, self.temperature = actor, critic, temperature
+        self.cfg = actor.cfg  # the engine reads cfg.tie_embeddings; our state dict drops tied copies itself
+        self._register_state_dict_hook(ActorCritic._drop_tied)
+
+    @staticmethod
+    def _drop_tied(module, state_dict, prefix, local_metadata):
+        for name in ("actor", "critic"):
+            if getattr(module, name).cfg.tie_embeddings:
+                state_dict.pop(f"{prefix}{name}.lm_head.weight", None)
+        return state_dict
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # keys were checked against our (tied-free) state dict by the caller; the tied heads are absent
+        res = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and res.unexpected_keys:
+            raise RuntimeError(f"unexpected keys {res.unexpected_keys[:3]}")
+        return res
+
+    def forward(self, seq: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
+        logits = response_logits(self.actor, seq, positions, self.temperature)  # (N, R, V)
+        logprobs = token_logprobs(logits, targets)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+        values = token_scores(self.critic, seq).gather(1, positions)
+        return logprobs, values, entropy
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.actor.flops_per_token(seq_len) + self.critic.flops_per_token(seq_len)
+
+
+# --- the loss ----------------------------------------------------------------------------------------
+class PPOLoss:
+    """loss_fn for the engine: clipped policy loss + vf_coef · (clipped) value loss (+ ptx_coef · LM loss).
+    Returns None (skip) when the minibatch's largest importance ratio exceeds ratio_guard. Accumulates the
+    per-step statistics that `metrics()` hands to the engine's log."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.cfg = cfg
+        self._acc: dict[str, float] = {}
+        self._n = 0
+        self.skipped = 0
+        self.extra: dict = {}  # experience statistics to log with the next step
+
+    def __call__(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor | None:
+        mb, ptx = batch
+        cfg, m = self.cfg, mb.mask
+        logprobs, values, entropy = model(mb.seq, mb.positions, mb.targets)
+        with torch.no_grad():
+            ratio_max = float((logprobs - mb.logprobs).masked_fill(~m, float("-inf")).max().exp())
+        if cfg.ratio_guard is not None and ratio_max > cfg.ratio_guard:
+            self.skipped += 1
+            self._add(ratio_max=ratio_max)
+            return None
+        pg, clipfrac, approx_kl = policy_loss(logprobs, mb.logprobs, mb.advantages, m, cfg.clip)
+        vl = value_loss(values, mb.values, mb.returns, m, cfg.value_clip)
+        loss = pg + cfg.vf_coef * vl
+        stats = dict(policy_loss=pg.item(), value_loss=vl.item(), clipfrac=clipfrac.item(), approx_kl=approx_kl.item(),
+                     entropy=masked_mean(entropy, m).item(), ratio_max=ratio_max)
+        if ptx is not None:
+            lm = unwrap(model).actor(*ptx)[1]
+            loss = loss + cfg.ptx_coef * lm
+            stats["ptx_loss"] = lm.item()
+        with torch.no_grad():  # explained variance of the returns by the critic's values
+            var = masked_mean((mb.returns - masked_mean(mb.returns, m)) ** 2, m)
+            stats["explained_variance"] = (1 - masked_mean((mb.returns - values) ** 2, m) / var.clamp(min=1e-8)).item()
+        self._add(**stats)
+        self._n += 1
+        return loss
+
+    def _add(self, **vals) -> None:
+        for k, v in vals.items():
+            if k == "ratio_max":
+                self._acc[k] = max(self._acc.get(k, 0.0), v)
+            else:
+                self._acc[k] = self._acc.get(k, 0.0) + v
+
+    def metrics(self) -> dict:
+        out = {k: (v if k == "ratio_max" else v / max(self._n, 1)) for k, v in self._acc.items()}
+        out["skipped_minibatches"] = self.skipped
+        out.update(self.extra)
+        self._acc, self._n, self.skipped, self.extra = {}, 0, 0, {}
+        return out
