@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptlab.align.data import load_prompts, load_sft_examples
-from gptlab.align.sft import IGNORE, Sample, collate, encode_sft, pack_samples, sft
+from gptlab.align.sft import IGNORE, Sample, collate, encode_sft, pack_samples
 from gptlab.chat.template import ensure_chat_tokens
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, preset
@@ -157,7 +157,7 @@ def test_sft_run_lowers_the_assistant_loss_and_chat_loads_it(tmp_path):
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < 0.6 * losses[0]
     # the run dir is what `gptlab chat` loads
-    from gptlab.generate import Generator, SamplingParams
+    from gptlab.generate import Generator
     from gptlab.chat.template import render_ids
 
     gen = Generator(run.model, run.tokenizer)

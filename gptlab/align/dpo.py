@@ -147,7 +147,8 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     elif init_from is None:
         raise GptlabError("dpo needs --from RUN_DIR (the SFT run: the starting policy and the frozen reference)")
     if data is None:
-        raise GptlabError("dpo needs --data (a preference file)")
+        raise GptlabError("dpo needs --data (a preference file)"
+                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
     if not (isinstance(beta, (int, float)) and beta > 0):
         raise GptlabError(f"--beta must be positive, got {beta!r}")
     cfg, given = resolve_config(RECIPE, DPO_RECIPE, *layers)

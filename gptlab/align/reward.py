@@ -272,7 +272,8 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
     elif init_from is None:
         raise GptlabError("reward training needs --from RUN_DIR (the SFT run whose trunk it starts from)")
     if data is None:
-        raise GptlabError("reward training needs --data (a preference file)")
+        raise GptlabError("reward training needs --data (a preference file)"
+                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
     cfg, given = resolve_config(RECIPE, RM_RECIPE, *layers)
     prefs = load_preferences(data, quiet=quiet)
     train_idx, held_idx = split_heldout(len(prefs), heldout_fraction, cfg.seed)

@@ -140,7 +140,8 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     elif init_from is None:
         raise GptlabError("sft needs --from RUN_DIR (a pretrained run to start from)")
     if data is None:
-        raise GptlabError("sft needs --data (demonstrations: JSONL/JSON/CSV)")
+        raise GptlabError("sft needs --data (demonstrations: JSONL/JSON/CSV)"
+                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
     epochs = EPOCHS if epochs is None else epochs
     cfg, given = resolve_config(RECIPE, SFT_RECIPE, *layers)
 

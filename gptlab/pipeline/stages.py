@@ -100,7 +100,7 @@ def _synth(ctx: Ctx, c: dict, resume: bool) -> dict:
 
     try:
         return make_datasets(list(iter_documents(ctx.cfg.corpus)), ctx.dir("synth"), seed=ctx.cfg.seed,
-                             **{k: v for k, v in c.items() if k in ("n_sft", "n_pref", "n_prompts", "n_cloze")})
+                             **{k: v for k, v in c.items() if k in ("n_sft", "n_pref", "n_prompts", "n_cloze", "max_words")})
     except GptlabError as e:  # a corpus not in play layout is fine when every stage has its own files
         if ctx.cfg.sft.get("data") and ctx.cfg.reward.get("data") and ctx.cfg.ppo.get("prompts"):
             return {"skipped": str(e)}

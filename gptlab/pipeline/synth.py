@@ -83,9 +83,10 @@ def judge_rewards(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def make_datasets(texts: list[str], out_dir: str | Path, *, seed: int = 0, n_sft: int = 2000, n_pref: int = 600,
-                  n_prompts: int = 200, n_cloze: int = 200, min_speeches: int = 8) -> dict:
-    """Write sft.jsonl, preferences.jsonl, prompts.jsonl and cloze.jsonl to `out_dir`; return their counts."""
-    speeches = [s for t in texts for s in parse_speeches(t)]
+                  n_prompts: int = 200, n_cloze: int = 200, min_speeches: int = 8, max_words: int = 40) -> dict:
+    """Write sft.jsonl, preferences.jsonl, prompts.jsonl and cloze.jsonl to `out_dir`; return their counts.
+    `max_words` bounds the speeches used: short demonstrations teach a small model to end its turn."""
+    speeches = [s for t in texts for s in parse_speeches(t, max_words=max_words)]
     by_speaker: dict[str, list[Speech]] = defaultdict(list)
     for s in speeches:
         by_speaker[s.speaker].append(s)
