@@ -329,3 +329,59 @@ def test_rlhf_cli_checks_its_inputs(sft_run, tmp_path, capsys):
     rc = cli_main(["rlhf", "--from", str(sft_run), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
                    "--preferences", "x.jsonl", "--ppo.minibatch_size", "3"])
     assert rc == 2 and "multiple of minibatch_size" in capsys.readouterr().err
+
+
+def test_dropout_is_off_in_the_trained_actor_and_critic(tmp_path):
+    """An SFT run with dropout (attention dropout included, which lives in the config, not in an nn.Dropout):
+    PPO's training forward must match the eval-mode forward that recorded the old log-probs and values."""
+    from gptlab.align.ppo import ActorCritic, _load_models
+
+    tok = _tok()
+    torch.manual_seed(0)
+    m = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=48, embd_pdrop=0.3, attn_pdrop=0.3, resid_pdrop=0.3))
+    d = tmp_path / "sft_dropout"
+    write_run_config(d, m.cfg, tok, stage="sft")
+    save_model(m, d / "model.safetensors")
+    cfg = PPOConfig.from_dict(_cfg())
+    actor, critic, ref, _, tok = _load_models(d, None, None, d, cfg, torch.device("cpu"), torch.float32)
+    pair = ActorCritic(actor, critic)
+    torch.manual_seed(1)
+    seq = torch.randint(0, tok.vocab_size, (3, 24))
+    pos = torch.arange(8, 20).expand(3, -1)
+    tgt = seq.gather(1, pos + 1)
+    with torch.no_grad():
+        pair.eval()
+        lp_eval, v_eval, _ = pair(seq, pos, tgt)
+        pair.train()
+        for _ in range(2):
+            lp, v, _ = pair(seq, pos, tgt)
+            torch.testing.assert_close(lp, lp_eval, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(v, v_eval, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("clip", -1), ("clip", 1.5), ("lam", 2), ("gamma", -0.1), ("actor_lr", -1),
+                                       ("actor_lr", 0), ("eval_samples", 0), ("max_new_tokens", 0), ("value_clip", -0.2),
+                                       ("vf_coef", -1), ("micro_batch_size", -1)])
+def test_out_of_range_ppo_settings_are_one_line_errors(key, value):
+    with pytest.raises(GptlabError, match=f"ppo: {key} must be"):
+        PPOConfig.from_dict({key: value})
+
+
+def test_rlhf_without_heldout_prompts_prints_its_summary(sft_run, tmp_path, capsys):
+    from gptlab.align.rlhf import rlhf
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": "a", "rejected": "b"}) + "\n" for p in PROMPTS))
+    train = {"batch_size": 4, "max_iters": 2, "eval_interval": 0, "dtype": "float32", "device": "cpu",
+             "checkpoint_interval": 0}
+    s = rlhf(tmp_path / "rlhf", sft_from=sft_run, preferences=str(prefs), prompts=PROMPTS, rounds=1,
+             reward={"train": train}, ppo=_cfg(iterations=1, eval_prompts=0), quiet=False)
+    assert s["rounds"][0]["reward_after"] is None  # no held-out prompts: nothing measured, and no crash printing it
+    assert "reward n/a -> n/a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [lambda p, r: 1.0, lambda p, r: [None] * len(r), lambda p, r: ["x"] * len(r)])
+def test_a_reward_fn_returning_non_numbers_is_a_one_line_error(sft_run, bad):
+    maker, _ = _maker(sft_run, reward_fn=bad, max_new_tokens=2)
+    with pytest.raises(GptlabError, match="reward_fn must return a list of numbers"):
+        maker.make([[{"role": "user", "content": "ab"}]] * 2, kl_coef=0.0)

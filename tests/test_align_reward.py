@@ -163,3 +163,9 @@ def test_tiny_rm_learns_a_separable_preference_offset_and_round_trip(tmp_path):
 def test_not_a_reward_model_is_refused(tmp_path):
     with pytest.raises(GptlabError, match="not a reward-model run"):
         RewardModel.load(_run(tmp_path / "sft"))
+
+
+def test_score_refuses_a_zero_batch_size():
+    rm = RewardModel(_rm_model(), _tok(), 0.0)
+    with pytest.raises(GptlabError, match="batch size must be ≥ 1"):
+        rm.score([[{"role": "user", "content": "hi"}]], ["yo"], batch_size=0)

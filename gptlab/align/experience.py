@@ -227,9 +227,14 @@ class ExperienceMaker:
         """(N,) raw scores: the reward model at each response's last token, or reward_fn."""
         if self.reward_fn is not None:
             vals = self.reward_fn(prompt_texts, response_texts)
+            try:
+                vals = [float(v) for v in vals]
+            except (TypeError, ValueError):
+                raise GptlabError(f"reward_fn must return a list of numbers (one per response), got "
+                                  f"{type(vals).__name__}: {str(vals)[:60]}") from None
             if len(vals) != seq.size(0):
                 raise GptlabError(f"reward_fn returned {len(vals)} rewards for {seq.size(0)} responses")
-            return torch.tensor([float(v) for v in vals], device=seq.device)
+            return torch.tensor(vals, device=seq.device)
         B = self.cfg.forward_batch_size or seq.size(0)
         with self.autocast():
             return torch.cat([self.reward_model.score_ids(seq[s:s + B], end_index[s:s + B]).float()

@@ -31,7 +31,7 @@ from gptlab.align.experience import Experience, ExperienceConfig, ExperienceMake
 from gptlab.align.losses import AdaptiveKLController, FixedKLController
 from gptlab.align.ppo_config import PPOConfig
 from gptlab.align.ppo_loss import ActorCritic, PPOLoss
-from gptlab.align.stage import start_or_resume
+from gptlab.align.stage import NO_DROPOUT, start_or_resume
 from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids, truncate_history
 from gptlab.errors import GptlabError
 from gptlab.finetune.train import EpochOrder, load_pretrained
@@ -52,6 +52,9 @@ def _no_dropout(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    # attention dropout is no nn.Dropout: the attention reads cfg.attn_pdrop (shared with the model's cfg)
+    for k in NO_DROPOUT:
+        setattr(model.cfg, k, 0.0)
 
 
 def _frozen(model: GPT, dtype: torch.dtype) -> GPT:
@@ -154,7 +157,7 @@ def plot_ppo(metrics_path: Path, out_dir: Path, before: dict | None = None) -> l
 # --- the stage -----------------------------------------------------------------------------------------
 def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOConfig, device, frozen_dtype):
     torch.manual_seed(cfg.seed)  # new embedding rows / a new value head: identical on resume
-    actor, tok = load_pretrained(actor_from)
+    actor, tok = load_pretrained(actor_from, NO_DROPOUT)  # dropout off: the ratio needs eval == train forward
     if not all(t in tok.special_tokens for t in CHAT_TOKENS):
         warnings.warn(f"{actor_from} has no chat tokens (not an SFT run?); adding them with random embeddings",
                       stacklevel=3)
@@ -162,7 +165,7 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
     if reference_from is None or Path(reference_from).resolve() == Path(actor_from).resolve():
         ref = copy.deepcopy(actor)
     else:
-        ref, rtok = load_pretrained(reference_from)
+        ref, rtok = load_pretrained(reference_from, NO_DROPOUT)  # (dropout rates would fail the cfg check)
         if rtok.to_dict() != tok.to_dict() or ref.cfg != actor.cfg:
             raise GptlabError(f"the reference {reference_from} differs from the policy {actor_from} in tokenizer or "
                               "architecture; PPO's KL needs the same vocabulary")
@@ -172,7 +175,7 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
         run = load_run(Path(src))
         critic = run.model.float()
         if critic.cfg.head != "scalar":  # a trunk without a value head: add one
-            critic, ctok = load_pretrained(src)
+            critic, ctok = load_pretrained(src, NO_DROPOUT)
             ctok = ensure_chat_tokens(ctok, critic)
             critic.add_head("scalar", 1, 0.0)
         else:

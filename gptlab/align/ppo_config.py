@@ -83,6 +83,23 @@ class PPOConfig:
         for k in ("dtype", "frozen_dtype"):
             if getattr(self, k) not in ("bfloat16", "float32"):
                 raise GptlabError(f"ppo: {k} must be bfloat16 or float32, got {getattr(self, k)!r}")
+        ranges = (("clip", 0 < self.clip < 1, "in (0, 1)"), ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+                  ("lam", 0 <= self.lam <= 1, "in [0, 1]"), ("vf_coef", self.vf_coef >= 0, "≥ 0"),
+                  ("ptx_coef", self.ptx_coef >= 0, "≥ 0"),
+                  ("actor_lr", self.actor_lr > 0, "> 0 (the critic's lr is a multiple of it)"),
+                  ("critic_lr", self.critic_lr >= 0, "≥ 0"), ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+                  ("grad_clip", self.grad_clip >= 0, "≥ 0"), ("max_new_tokens", self.max_new_tokens >= 1, "≥ 1"),
+                  ("micro_batch_size", self.micro_batch_size >= 0, "≥ 0"),
+                  ("forward_batch_size", self.forward_batch_size >= 0, "≥ 0"),
+                  ("eval_samples", self.eval_samples >= 1, "≥ 1"),
+                  ("ptx_batch_size", self.ptx_batch_size >= 1, "≥ 1"),
+                  ("value_clip", self.value_clip is None or self.value_clip > 0, "> 0 (or none)"),
+                  ("ratio_guard", self.ratio_guard is None or self.ratio_guard > 0, "> 0 (or none)"),
+                  ("missing_end_penalty", self.missing_end_penalty is None or self.missing_end_penalty >= 0,
+                   "≥ 0 (or none)"))
+        for k, ok, want in ranges:
+            if not ok:
+                raise GptlabError(f"ppo: {k} must be {want}, got {getattr(self, k)!r}")
         if self.temperature <= 0:
             raise GptlabError("ppo: temperature must be > 0 (PPO needs sampled responses)")
         if self.top_k or self.top_p < 1.0 or self.temperature != 1.0:

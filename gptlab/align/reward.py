@@ -229,6 +229,8 @@ class RewardModel:
         """Normalised reward of each (prompt conversation, response text)."""
         if len(prompts) != len(responses):
             raise GptlabError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if batch_size < 1:
+            raise GptlabError(f"batch size must be ≥ 1, got {batch_size}")
         T = self.model.cfg.block_size
         seqs = [encode_response(self.tokenizer, prompt_ids(self.tokenizer, p), r, T).ids for p, r in zip(prompts, responses)]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch

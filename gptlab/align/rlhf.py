@@ -155,8 +155,10 @@ def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts
     summary["policy"] = str(policy)
     atomic_write_json(out / "summary.json", summary)
     if not quiet:
+        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731  (None: no held-out prompts)
         for info in summary["rounds"]:
             print(f"round {info['round']}: RM held-out accuracy {info['heldout_accuracy']} · reward "
-                  f"{info['reward_before']:+.4f} -> {info['reward_after']:+.4f} · KL {info['kl_after']:.4f}")
+                  f"{f(info['reward_before'], '+.4f')} -> {f(info['reward_after'], '+.4f')} · "
+                  f"KL {f(info['kl_after'], '.4f')}")
         print(f"final policy: {policy}")
     return summary
