@@ -108,9 +108,12 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
             lines += ["", "![reward model accuracy](reward_accuracy.png)"]
     if "ppo" in R:
         p = R["ppo"]
-        lines += ["", "## PPO", "", "| | reward | KL(π‖ref) |", "|---|---|---|",
-                  f"| before (SFT) | {_f(p.get('reward_before'))} | {_f(p.get('kl_before', 0.0))} |",
-                  f"| after | {_f(p.get('reward_after'))} | {_f(p.get('kl_after'))} |"]
+        lines += ["", "## PPO", "", "Held-out prompts, sampled at temperature 1: reward (the reward model's, minus "
+                  "the missing-end penalty), KL to the SFT reference in nats per response, share of replies ending "
+                  "with `<|end|>`.", "", "| | reward | KL(π‖ref) | ended |", "|---|---|---|---|",
+                  f"| before (SFT) | {_f(p.get('reward_before'))} | {_f(p.get('kl_before', 0.0))} | "
+                  f"{_f(p.get('ended_before'), 2)} |",
+                  f"| after | {_f(p.get('reward_after'))} | {_f(p.get('kl_after'))} | {_f(p.get('ended_after'), 2)} |"]
         m = root / "ppo" / "metrics.jsonl"
         if _plot(_series(m, _pick(m, ("reward", "kl"), 4)), out / "ppo_curves.png", "PPO"):
             figs.append("ppo_curves.png")

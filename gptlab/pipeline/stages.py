@@ -7,6 +7,7 @@ with the stages it reads from (`deps`) and the user files it names (`files`), wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ def _ppo(ctx: Ctx, c: dict, resume: bool) -> dict:
             reward_from=None if use_judge else ctx.dir("reward"), reward_fn=judge_rewards if use_judge else None,
             config={"seed": ctx.cfg.seed, **(c.get("config") or {})}, resume=resume)
     return {k: r[k] for k in ("reward_before", "reward_after", "kl_after", "kl_before", "iterations", "step",
-                              "samples_before", "samples_after") if k in r}
+                              "ended_before", "ended_after", "samples_before", "samples_after") if k in r}
 
 
 def _dpo(ctx: Ctx, c: dict, resume: bool) -> dict:
@@ -233,7 +234,7 @@ def _evaluate_final(ctx: Ctx, c: dict, resume: bool) -> dict:
 def _samples(ctx: Ctx, c: dict, resume: bool) -> dict:
     from gptlab.align.data import load_prompts
     from gptlab.align.reward import RewardModel
-    from gptlab.chat.template import render_ids
+    from gptlab.chat.template import CHAT_TOKENS, render_ids
     from gptlab.generate import Generator, SamplingParams
     from gptlab.pipeline.synth import judge
     from gptlab.run import load_run
@@ -242,12 +243,15 @@ def _samples(ctx: Ctx, c: dict, resume: bool) -> dict:
     texts = [m[-1]["content"] for m in convs]
     rm = RewardModel.load(ctx.dir("reward"))
     params = SamplingParams(max_new_tokens=c.get("max_new_tokens", 64), temperature=c.get("temperature", 0.7),
-                            top_p=c.get("top_p", 0.95), seed=ctx.cfg.seed, stop_token_ids=())
+                            top_p=c.get("top_p", 0.95), seed=ctx.cfg.seed)
     table: dict[str, dict] = {}
     for label, d in chat_models(ctx).items():
         run = load_run(d)
         gen = Generator(run.model, run.tokenizer)
-        comps = gen.generate([render_ids(run.tokenizer, m)[0] for m in convs], params)
+        # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished its own)
+        stop = tuple(run.tokenizer.special_tokens[t] for t in CHAT_TOKENS)
+        comps = gen.generate([render_ids(run.tokenizer, m)[0] for m in convs],
+                             dataclasses.replace(params, stop_token_ids=stop))
         replies = [x.text.strip() for x in comps]
         table[label] = {"replies": replies, "rm_reward": sum(rm.score(convs, replies)) / len(replies),
                         "judge": sum(judge(p, r) for p, r in zip(texts, replies)) / len(replies),
