@@ -69,8 +69,9 @@ class KVCache:
     """Cache for a batch of `batch` rows and at most `max_len` slots per row (prompt + new tokens)."""
 
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype: torch.dtype,
-                 pad: torch.Tensor | None = None):
+                 pad: torch.Tensor | None = None, ring: bool = True):
         self.batch, self.device, self.dtype, self.length = batch, torch.device(device), dtype, 0
+        self.cfg = cfg
         self.max_position = cfg.block_size - 1
         self.pad = pad.to(self.device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=self.device)
         self.padded = bool(self.pad.any())
@@ -79,8 +80,8 @@ class KVCache:
         self.layers = []
         for i in range(cfg.n_layer):
             kind = cfg.layer_attention(i)
-            ring = kind == "local" and cfg.local_window < max_len
-            self.layers.append(LayerCache(self, kind, cfg, cfg.local_window if ring else max_len, ring))
+            use_ring = ring and kind == "local" and cfg.local_window < max_len  # ring=False: row surgery below
+            self.layers.append(LayerCache(self, kind, cfg, cfg.local_window if use_ring else max_len, use_ring))
         self.max_len = max_len
 
     def begin(self, T: int) -> torch.Tensor:
@@ -104,3 +105,50 @@ class KVCache:
         self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
         for layer in self.layers:
             layer.reorder(index)
+
+    # --- row surgery for continuous batching (caches built with ring=False) ---------------------------
+    def _check_flat(self) -> None:
+        if any(layer.ring for layer in self.layers):
+            raise ValueError("row surgery needs a KVCache built with ring=False")
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows in `index` (in that order), e.g. to drop finished requests."""
+        self._check_flat()
+        self.reorder(index)
+        self.batch = int(index.numel())
+        self.trim_front()
+
+    def trim_front(self) -> None:
+        """Drop leading slots that are padding in every row (views, no copy): after rows leave, the
+        cache is only as long as its longest remaining row."""
+        s = int(self.pad.min()) if self.batch else self.length
+        if s > 0:
+            self.pad = self.pad - s
+            self.pos, self.valid = self.pos[:, s:], self.valid[:, s:]
+            for layer in self.layers:
+                layer.k, layer.v = layer.k[:, :, s:], layer.v[:, :, s:]
+                layer.capacity -= s
+            self.length -= s
+            self.max_len -= s
+        self.padded = bool(self.pad.any())
+
+    @staticmethod
+    def concat(caches: list["KVCache"], room: int) -> "KVCache":
+        """One cache holding the rows of `caches` (in order), right-aligned to the longest filled length
+        L by extra left padding, with L + room slots: new rows join a running batch between decode steps."""
+        caches = [c for c in caches if c.batch]
+        for c in caches:
+            c._check_flat()
+        first = caches[0]
+        L = max(c.length for c in caches)
+        pad = torch.cat([c.pad + (L - c.length) for c in caches])
+        out = KVCache(first.cfg, int(pad.numel()), L + room, first.device, first.dtype, pad, ring=False)
+        b = 0
+        for c in caches:
+            rows, d = slice(b, b + c.batch), L - c.length
+            out.pos[rows, d:L], out.valid[rows, d:L] = c.pos[:, :c.length], c.valid[:, :c.length]
+            for lo, li in zip(out.layers, c.layers):
+                lo.k[rows, :, d:L], lo.v[rows, :, d:L] = li.k[:, :, :c.length], li.v[:, :, :c.length]
+            b += c.batch
+        out.length = L
+        return out

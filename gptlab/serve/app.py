@@ -1,0 +1,348 @@
+"""The FastAPI app: OpenAI-compatible routes over one continuous-batching engine.
+
+The model loads in a background thread after startup, so /health answers at once (503 "loading",
+then 200). Every error is OpenAI-shaped. A streamed request whose client leaves is cancelled in
+the engine; so is a non-streamed one (its handler polls for the disconnect while it waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptlab.chat.template import CHAT_TOKENS, END, render_ids
+from gptlab.errors import GptlabError
+from gptlab.serve.engine import DONE, Engine
+from gptlab.serve.metrics import Metrics
+from gptlab.serve.moderation import Moderator
+from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, completion_prompts,
+                                   error_body, parse_json, parse_request, warn_unknown)
+from gptlab.serve.responses import Formatter
+
+log = logging.getLogger("gptlab.serve")
+DEFAULT_MAX_BODY = 2 << 20  # 2 MiB: far more than any context window's worth of text
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def api_keys_from_env(keys=()) -> tuple[str, ...]:
+    env = os.environ.get("GPTLAB_API_KEYS", "")
+    return tuple(k for k in (*keys, *(x.strip() for x in env.split(","))) if k)
+
+
+class Server:
+    """Loading state, the engine, and the shared helpers of the routes."""
+
+    def __init__(self, run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name,
+                 max_body_bytes, moderation_action, moderation_label, moderation_threshold):
+        self.run_dir = Path(run_dir)
+        self.model_name = model_name or self.run_dir.resolve().name
+        self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
+        self.max_batch, self.max_queue, self.max_body = max_batch, max_queue, max_body_bytes
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise GptlabError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        self.device, self.moderation = device, moderation
+        self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.moderator: Moderator | None = None
+        self.status, self.error = "loading", None
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        try:
+            from gptlab.generate.generator import Generator
+            from gptlab.run import load_run
+
+            t0 = time.perf_counter()
+            m = self.moderation
+            if m is not None and not isinstance(m, Moderator):
+                m = Moderator.from_paths(m, *self.mod_opts)
+            self.moderator = m
+            run = load_run(self.run_dir, self.device)
+            self.tok, self.ctx = run.tokenizer, run.model.cfg.block_size
+            self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
+            gen = Generator(run.model, run.tokenizer, self.dtype)
+            self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator)
+            self.engine.start()
+            self.status = "ready"
+            log.info("loaded %s (%s, context %d) in %.1f s", self.run_dir, self.model_name, self.ctx,
+                     time.perf_counter() - t0)
+        except Exception as e:  # /health reports it; the process stays up to say why
+            self.status, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("loading %s failed: %s", self.run_dir, self.error)
+
+    # --- request helpers -----------------------------------------------------------------------
+    def authorize(self, request: HTTPRequest) -> None:
+        if not self.keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for k in self.keys:  # constant time per key, and every key is compared
+            ok |= hmac.compare_digest(given, k)
+        if not ok:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    def ready(self) -> None:
+        if self.status != "ready":
+            raise APIError(503, f"model is {self.status}" + (f": {self.error}" if self.error else ""),
+                           code="model_not_ready", headers={"Retry-After": "5"})
+
+    async def body(self, request: HTTPRequest) -> dict:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > 8 * self.max_body:
+            raise APIError(413, f"request body too large (limit {self.max_body} bytes)", code="body_too_large")
+        chunks, n, over = [], 0, False
+        async for c in request.stream():  # drain past the limit (up to 8x) so the client sees the 413
+            n += len(c)
+            over = over or n > self.max_body
+            if n > 8 * self.max_body:
+                break
+            if not over:
+                chunks.append(c)
+        if over:
+            raise APIError(413, f"request body too large (limit {self.max_body} bytes)", code="body_too_large")
+        return parse_json(b"".join(chunks))
+
+    def check_model(self, body: dict, required: bool = True) -> None:
+        model = body.get("model")
+        if model is None and not required:
+            return
+        if isinstance(model, str) and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, msgs: list[dict], generation_prompt: bool = True) -> list[int]:
+        if not self.chat_ok:
+            raise APIError(400, f"model '{self.model_name}' has no chat template tokens; it cannot serve chat "
+                                "completions (use /v1/completions, or fine-tune it with the chat tokens)",
+                           code="chat_not_supported")
+        try:
+            return render_ids(self.tok, msgs, generation_prompt)[0]  # content is encoded as plain text
+        except GptlabError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    async def moderate_input(self, texts: list[str]) -> None:
+        if self.moderator is None:
+            return
+        hit = await asyncio.to_thread(self.moderator.check_input, texts)
+        if hit:
+            self.metrics.count_moderation("input", "refuse", hit.source)
+            log.warning("moderation: refused a request (%s: %r)", hit.source, hit.detail)
+            raise APIError(400, "the request was refused by this server's content filter", code="content_filter")
+
+
+class CancellingStream(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends (done, client gone, server stopping)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class StatusCounter:
+    """ASGI middleware counting responses per endpoint and status (no BaseHTTPMiddleware: it breaks
+    streaming disconnects)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                path = scope.get("path", "")
+                known = path in ("/", "/health", "/metrics", "/tokenize", "/detokenize") or path.startswith("/v1/")
+                self.metrics.count_request(path if known else "other", message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64, moderation=None, dtype=None,
+               device: str = "cpu", model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               moderation_action: str = "redact", moderation_label: str | None = None,
+               moderation_threshold: float = 0.5) -> FastAPI:
+    """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
+    run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable."""
+    if max_batch < 1 or max_queue < 1:
+        raise GptlabError("max_batch and max_queue must be ≥ 1")
+    srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
+                 moderation_action, moderation_label, moderation_threshold)
+
+    async def lifespan(app):
+        threading.Thread(target=srv.load, name="gptlab-load", daemon=True).start()
+        yield
+        if srv.engine is not None:
+            srv.engine.stop()
+
+    app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    app.add_middleware(StatusCounter, metrics=srv.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(resources.files("gptlab.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/health")
+    async def health():
+        body = {"status": srv.status, "model": srv.model_name}
+        if srv.error:
+            body["error"] = srv.error
+        return JSONResponse(body, status_code=200 if srv.status == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(srv.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "gptlab",
+                "max_model_len": getattr(srv, "ctx", None)}
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        srv.authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: HTTPRequest):
+        srv.authorize(request)
+        srv.check_model({"model": model_id})
+        return model_card()
+
+    async def generate(request: HTTPRequest, kind: str):
+        srv.authorize(request)
+        srv.ready()
+        body = await srv.body(request)
+        srv.check_model(body)
+        if kind == "chat":
+            warn_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
+
+            def encode(b):
+                msgs = chat_messages(b)
+                return [srv.chat_ids(msgs)], [m["content"] for m in msgs], (srv.tok.special_tokens[END],)
+        else:
+            warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
+
+            def encode(b):
+                return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
+        spec = parse_request(body, kind, encode, srv.ctx, srv.max_batch)
+        await srv.moderate_input(spec.prompt_texts)
+        req = srv.engine.submit(spec, asyncio.get_running_loop())
+        fmt = Formatter(req, srv.tok, srv.model_name)
+        if spec.stream:
+            return CancellingStream(_sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            checked = time.monotonic()
+            while True:
+                item = None
+                try:
+                    item = await asyncio.wait_for(req.queue.get(), 0.25)
+                except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - checked >= 0.25:  # deltas may arrive faster than that: check by time
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return PlainTextResponse("", status_code=499)
+                if item is None:
+                    continue
+                if item is DONE:
+                    return fmt.response()
+                if isinstance(item, APIError):
+                    raise item
+                for d in item:
+                    fmt.add(d)
+        finally:
+            srv.engine.cancel(req)  # no-op once finished
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await generate(request, "chat")
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        srv.authorize(request)
+        srv.ready()
+        body = await srv.body(request)
+        srv.check_model(body, required=False)
+        if "messages" in body:
+            gp = body.get("add_generation_prompt", True)
+            ids = srv.chat_ids(chat_messages(body), gp is not False)
+        else:
+            ids = completion_prompts(body, srv.tok, srv.tok.vocab_size)[0][0]
+        return {"tokens": ids, "count": len(ids), "max_model_len": srv.ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        srv.authorize(request)
+        srv.ready()
+        body = await srv.body(request)
+        srv.check_model(body, required=False)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+        if any(not 0 <= t < srv.tok.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in 0..{srv.tok.vocab_size - 1}", param="tokens")
+        return {"prompt": srv.tok.decode(ids)}
+
+    return app
+
+
+async def _sse(req, fmt: Formatter):
+    """Server-sent events: opening chunks, one chunk per delta, the usage chunk if asked, [DONE]."""
+    for c in fmt.opening():
+        yield c
+    while True:
+        item = await req.queue.get()
+        if item is DONE:
+            break
+        if isinstance(item, APIError):
+            yield f"data: {json.dumps(item.body())}\n\n"
+            break
+        for d in item:
+            yield fmt.chunk(d)
+    if req.spec.include_usage:
+        yield fmt.usage_chunk()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,306 @@
+"""Continuous batching over the KV-cache generator.
+
+One engine thread owns the model. Each iteration it
+  1. admits waiting requests (FIFO, while their choices fit in `max_batch` rows and a prefill token
+     budget): their prompts are prefilled together in a left-padded batch and the resulting cache is
+     merged into the running one (KVCache.concat right-aligns both by extra left padding);
+  2. samples one token for every running row from the logits it holds (per-row params and RNGs);
+  3. hands text deltas to each request's asyncio queue (loop.call_soon_threadsafe);
+  4. retires finished and cancelled rows (lazily: the cache is compacted once a quarter of its rows
+     are dead, or before a merge, since every compaction copies it), then runs one decode step
+     for the rest.
+A row's tokens depend only on its own prompt, params and seed, never on its neighbours: padding slots
+are masked out and every row samples from its own torch.Generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from gptlab.generate.cache import KVCache
+from gptlab.generate.generator import Generator
+from gptlab.generate.text import TextStream
+from gptlab.serve.metrics import Metrics
+from gptlab.serve.moderation import Moderator
+from gptlab.serve.protocol import APIError, GenSpec
+from gptlab.serve.sampling import RowSampler, sample_rows
+
+log = logging.getLogger("gptlab.serve")
+DONE = object()  # queue item after a request's last delta
+
+
+@dataclass
+class Delta:
+    """New output of one choice in one decode step."""
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # per token: (id, logprob, [(id, logprob)] top-k, text offset)
+    finish_reason: str | None = None
+    withhold: bool = False  # moderation flagged the whole choice: a non-streamed response drops its text
+
+
+class Request:
+    def __init__(self, spec: GenSpec, loop: asyncio.AbstractEventLoop):
+        self.spec, self.loop = spec, loop
+        self.id = uuid.uuid4().hex[:24]
+        self.arrival = time.perf_counter()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = self.finished = False
+        self.first_token_at: float | None = None
+        self.prompt_tokens = sum(len(p) for p in spec.prompts)
+        self.completion_tokens = 0
+        self.rows_left = len(spec.prompts) * spec.n
+
+    def post(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Row:
+    """One choice of a request: a row of the decode batch."""
+
+    def __init__(self, req: Request, index: int, prompt: list[int], tok, device, moderator):
+        spec, p = req.spec, req.spec.params
+        seed = (p.seed + index % spec.n) % 2 ** 63 if p.seed is not None else secrets.randbits(63)
+        self.req, self.index, self.prompt = req, index, prompt
+        eot = tok.eot_id
+        self.sampler = RowSampler(p, torch.Generator(device=device).manual_seed(seed), prompt, tok.vocab_size,
+                                  spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs)
+        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
+        self.stream = TextStream(tok, p.stop)
+        self.filter = moderator.output_filter() if moderator else None
+        self.generated, self.chars, self.alive, self.last = 0, 0, True, eot
+
+
+class Engine:
+    def __init__(self, generator: Generator, metrics: Metrics, max_batch: int = 32, max_queue: int = 64,
+                 moderator: Moderator | None = None, prefill_tokens: int = 4096):
+        self.gen, self.metrics, self.moderator = generator, metrics, moderator
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.tok, self.eot, self.vocab = generator.tok, generator.tok.eot_id, generator.tok.vocab_size
+        self.cv = threading.Condition()
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (B, V): next-token logits of every row
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="gptlab-engine", daemon=True)
+
+    # --- called from the event loop ------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, spec: GenSpec, loop: asyncio.AbstractEventLoop) -> Request:
+        req = Request(spec, loop)
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.count_rejected()
+                raise APIError(503, f"server is busy: {len(self.waiting)} requests are already waiting; retry later",
+                               code="server_overloaded", headers={"Retry-After": "1"})
+            self.waiting.append(req)
+            self._publish_load()
+            self.cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client left: its rows stop at the next step (a waiting request is dropped on admission)."""
+        if req.finished or req.cancelled:
+            return
+        with self.cv:
+            req.cancelled = True
+            if req in self.waiting:  # never admitted: free its queue slot now
+                self.waiting.remove(req)
+                req.finished = True
+                self.metrics.count_cancelled()
+                self._publish_load()
+            self.cv.notify()
+
+    # --- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cv:
+                    while not self.stopping and not self.waiting and not self.rows:
+                        self.cv.wait()
+                    if self.stopping:
+                        return
+                    newcomers = self._take_waiting()
+                try:
+                    if newcomers:
+                        self._admit(newcomers)
+                    if self.rows:
+                        self._iterate()
+                except Exception as e:  # a failure ends the requests in flight, never the server
+                    log.exception("engine step failed")
+                    err = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+                    for req in list({id(r.req): r.req for r in self.rows}.values()) + newcomers:
+                        if not req.finished:
+                            req.finished = True
+                            req.post(err)
+                    self.rows, self.cache, self.logits = [], None, None
+                with self.cv:
+                    self._publish_load()
+
+    def _take_waiting(self) -> list[Request]:
+        """Pop the requests that fit now (FIFO; called with the lock held)."""
+        taken, rows, tokens = [], sum(r.alive for r in self.rows), 0
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                self.metrics.count_cancelled()
+                continue
+            k = len(req.spec.prompts) * req.spec.n
+            cost = sum(len(p) for p in req.spec.prompts)
+            if rows + k > self.max_batch or (taken and tokens + cost > self.prefill_tokens):
+                break
+            taken.append(self.waiting.popleft())
+            rows, tokens = rows + k, tokens + cost
+        return taken
+
+    def _publish_load(self) -> None:
+        alive = [r for r in self.rows if r.alive]
+        self.metrics.set_load(len({id(r.req) for r in alive}), len(self.waiting), len(alive))
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill the newcomers' prompts (each distinct prompt once) and merge them into the batch."""
+        new_rows = [Row(q, j * q.spec.n + k, p, self.tok, self.gen.device, self.moderator)
+                    for q in reqs for j, p in enumerate(q.spec.prompts) for k in range(q.spec.n)]
+        unique: dict[tuple, int] = {}
+        for r in new_rows:
+            unique.setdefault(tuple(r.prompt), len(unique))
+        prompts = [list(p) for p in unique]
+        B, P = len(prompts), max(len(p) for p in prompts)
+        room = max(r.req.spec.params.max_new_tokens for r in new_rows)
+        x = torch.full((B, P), self.eot, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            x[i, P - len(p):] = torch.tensor(p)
+        pad = torch.tensor([P - len(p) for p in prompts])
+        cache = KVCache(self.gen.model.cfg, B, P + room, self.gen.device, self.gen.dtype, pad, ring=False)
+        logits = self.gen._logits(self.gen.model.hidden(x.to(self.gen.device), cache=cache))  # (B, V)
+        self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
+        expand = torch.tensor([unique[tuple(r.prompt)] for r in new_rows], device=self.gen.device)
+        if B != len(new_rows):  # n > 1 or repeated prompts: copy the prefilled rows
+            cache.reorder(expand)
+            cache.batch = len(new_rows)
+            logits = logits.index_select(0, expand)
+        if self.cache is None:
+            self.cache, self.logits, self.rows = cache, logits, new_rows
+            return
+        self._compact(force=True)
+        if self.cache is None:
+            self.cache, self.logits, self.rows = cache, logits, new_rows
+            return
+        need = max(r.req.spec.params.max_new_tokens - r.generated for r in self.rows + new_rows)
+        self.cache = KVCache.concat([self.cache, cache], need)
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + new_rows
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop dead rows from the cache: always when forced, else once a quarter of the rows are dead."""
+        dead = sum(not r.alive for r in self.rows)
+        if not dead or (not force and dead * 4 < len(self.rows)):
+            return
+        keep = [i for i, r in enumerate(self.rows) if r.alive]
+        if not keep:
+            self.rows, self.cache, self.logits = [], None, None
+            return
+        idx = torch.tensor(keep, device=self.gen.device)
+        self.cache.keep_rows(idx)
+        self.logits = self.logits.index_select(0, idx)
+        self.rows = [self.rows[i] for i in keep]
+
+    def _iterate(self) -> None:
+        for r in self.rows:
+            if r.alive and r.req.cancelled:
+                r.alive = False
+                if not r.req.finished:
+                    r.req.finished = True
+                    self.metrics.count_cancelled()
+        self._compact()
+        if not self.rows:
+            return
+        toks, info = sample_rows(self.logits, [r.sampler if r.alive else None for r in self.rows])
+        now = time.perf_counter()
+        out: dict[int, tuple[Request, list[Delta]]] = {}
+        emitted = 0
+        for r, t, lp in zip(self.rows, toks, info):
+            if not r.alive:
+                continue
+            emitted += 1
+            d = self._advance(r, t, lp)
+            req = r.req
+            req.completion_tokens += 1
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.observe_ttft(now - req.arrival)
+            if d.text or d.finish_reason or d.logprobs:
+                out.setdefault(id(req), (req, []))[1].append(d)
+            if d.finish_reason:
+                r.alive = False
+                req.rows_left -= 1
+        self.metrics.add_step(emitted)
+        for req, deltas in out.values():
+            if deltas:
+                req.post(deltas)
+            if req.rows_left == 0 and not req.finished:
+                req.finished = True
+                req.post(DONE)
+        if not any(r.alive for r in self.rows):
+            self.rows, self.cache, self.logits = [], None, None
+            return
+        self._compact()
+        feed = torch.tensor([r.last for r in self.rows], device=self.gen.device)
+        self.logits = self.gen._step(self.cache, feed)
+
+    def _advance(self, r: Row, t: int, lp) -> Delta:
+        """Apply token t to row r: stop conditions, text delta, moderation."""
+        r.generated += 1
+        r.last = t
+        reason, ids, lps = None, [], []
+        if t in r.stop_ids:
+            reason = "stop"
+        else:
+            ids.append(t)
+            if lp is not None:
+                lps.append((t, lp[0], lp[1], r.chars))
+            if r.stream.push(t):
+                reason = "stop"
+            elif r.generated >= r.req.spec.params.max_new_tokens:
+                reason = "length"
+        if reason:
+            r.stream.finish()
+        text = r.stream.delta(final=reason is not None)
+        if r.filter is not None:
+            text, hit = r.filter.feed(text, final=reason is not None)
+            if hit:
+                reason = "content_filter"
+            if r.filter.hits:
+                for _ in range(r.filter.hits):
+                    self.metrics.count_moderation("output", "refuse" if hit else "redact", "blocklist")
+                log.warning("moderation: %s blocked term(s) in the output of request %s",
+                            "refused at" if hit else f"redacted {r.filter.hits}", r.req.id)
+                r.filter.hits = 0
+        withhold = False
+        if reason and reason != "content_filter" and self.moderator is not None \
+                and self.moderator.flag_output(r.stream.text):
+            reason, withhold = "content_filter", True
+            self.metrics.count_moderation("output", "refuse", "classifier")
+            log.warning("moderation: classifier flagged the output of request %s", r.req.id)
+        r.chars += len(text)
+        return Delta(r.index, text, ids, lps, reason, withhold)

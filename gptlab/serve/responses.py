@@ -1,0 +1,106 @@
+"""Engine output -> OpenAI response objects and stream chunks (completions and chat completions)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from gptlab.serve.engine import Delta, Request
+
+
+def _token_str(tok, t: int) -> str:
+    return tok.decode_bytes([t]).decode("utf-8", errors="replace")
+
+
+def usage(req: Request) -> dict:
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
+            "total_tokens": req.prompt_tokens + req.completion_tokens}
+
+
+def completion_logprobs(tok, entries: list) -> dict:
+    """Legacy completions format: parallel lists."""
+    return {"tokens": [_token_str(tok, t) for t, *_ in entries],
+            "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [{_token_str(tok, i): v for i, v in top} for _, _, top, _ in entries],
+            "text_offset": [off for *_, off in entries]}
+
+
+def chat_logprobs(tok, entries: list) -> dict:
+    def item(t, lp):
+        b = tok.decode_bytes([t])
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top, _ in entries],
+            "refusal": None}
+
+
+class Formatter:
+    """Builds the bodies for one request; `kind` is "completion" or "chat"."""
+
+    def __init__(self, req: Request, tok, model: str):
+        self.req, self.tok, self.model = req, tok, model
+        self.chat = req.spec.kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.id
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+        n = len(req.spec.prompts) * req.spec.n
+        self.texts = [""] * n
+        self.entries: list[list] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+
+    def prompt_text(self, index: int) -> str:
+        return self.req.spec.prompt_texts[index // self.req.spec.n] if self.req.spec.echo else ""
+
+    # --- whole responses -----------------------------------------------------------------------
+    def add(self, d: Delta) -> None:
+        self.texts[d.index] += d.text
+        self.entries[d.index] += d.logprobs
+        if d.finish_reason:
+            self.finish[d.index] = d.finish_reason
+        if d.withhold:  # the moderation classifier flagged the whole choice
+            self.texts[d.index], self.entries[d.index] = "", []
+
+    def response(self) -> dict:
+        choices = []
+        for i, text in enumerate(self.texts):
+            reason = self.finish[i]
+            lp = None
+            if self.req.spec.logprobs is not None:
+                lp = (chat_logprobs if self.chat else completion_logprobs)(self.tok, self.entries[i])
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": lp, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": self.prompt_text(i) + text, "logprobs": lp,
+                                "finish_reason": reason})
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(self.req), "system_fingerprint": None}
+
+    # --- stream chunks -------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "system_fingerprint": None}
+        if self.req.spec.include_usage:
+            body["usage"] = usage_
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def opening(self) -> list[str]:
+        """Chat: the role delta of each choice; completions with echo: the prompt text."""
+        n = len(self.texts)
+        if self.chat:
+            return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(n)]
+        return [self._chunk([{"index": i, "text": self.prompt_text(i), "logprobs": None, "finish_reason": None}])
+                for i in range(n) if self.prompt_text(i)]
+
+    def chunk(self, d: Delta) -> str:
+        lp = None
+        if self.req.spec.logprobs is not None and d.logprobs:
+            lp = (chat_logprobs if self.chat else completion_logprobs)(self.tok, d.logprobs)
+        if self.chat:
+            delta = {"content": d.text} if d.text or not d.finish_reason else {}
+            return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
+        return self._chunk([{"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])
+
+    def usage_chunk(self) -> str:
+        return self._chunk([], usage(self.req))

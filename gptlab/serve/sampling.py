@@ -1,0 +1,103 @@
+"""Per-row logits processing for a batch whose rows belong to different requests.
+
+The generator's processors (gptlab.generate.logits) take one SamplingParams for the whole batch; here
+each row brings its own. Rows with the same filter settings are filtered together, and every row draws
+from its own torch.Generator, so a row's tokens do not depend on which other requests share the batch
+(exactly so for greedy rows; sampled rows up to float rounding of the batched forward pass).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from gptlab.generate.logits import filter_logits
+from gptlab.generate.params import SamplingParams
+
+
+@dataclass
+class RowSampler:
+    """Sampling state of one row: its params, RNG, and the counts its penalties need."""
+    params: SamplingParams
+    gen: torch.Generator
+    prompt: list[int]
+    vocab: int
+    logit_bias: dict[int, float]
+    presence: float = 0.0
+    frequency: float = 0.0
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        dev = self.gen.device
+        self.seen = None  # CTRL repetition penalty: prompt + generated tokens
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
+            self.seen[torch.tensor(self.prompt, device=dev)] = True
+        self.counts = None  # OpenAI presence/frequency penalties: generated tokens only
+        if self.presence or self.frequency:
+            self.counts = torch.zeros(self.vocab, device=dev)
+        self.bias = None
+        if self.logit_bias:
+            idx = [t for t in self.logit_bias if 0 <= t < self.vocab]
+            self.bias = (torch.tensor(idx, device=dev), torch.tensor([self.logit_bias[t] for t in idx], device=dev))
+
+    @property
+    def adjusts(self) -> bool:
+        return self.seen is not None or self.counts is not None or self.bias is not None
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) -> (V,) with bias and penalties applied."""
+        if self.bias is not None:
+            logits = logits.index_add(0, self.bias[0], self.bias[1])
+        if self.seen is not None:
+            r = self.params.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if self.counts is not None:
+            logits = logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence
+        return logits
+
+    def observe(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
+def _filter_key(p: SamplingParams) -> tuple:
+    return p.temperature, p.top_k, p.top_p, p.min_p
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampler | None]) -> tuple[list[int], list]:
+    """logits (B, V) fp32 raw model output; rows[i] None for rows no longer running.
+    Returns (token per row, logprob info per row: None or (chosen logprob, [(token, logprob)] top-k))."""
+    live = [i for i, r in enumerate(rows) if r is not None]
+    proc = logits
+    adj = [i for i in live if rows[i].adjusts]
+    if adj:
+        proc = logits.clone()
+        for i in adj:
+            proc[i] = rows[i].adjust(proc[i])
+    tokens = proc.argmax(dim=-1)  # greedy rows keep these
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in live:
+        if rows[i].params.temperature > 0:
+            groups[_filter_key(rows[i].params)].append(i)
+    for idx in groups.values():
+        probs = torch.softmax(filter_logits(proc[idx], rows[idx[0]].params), dim=-1)
+        for j, i in enumerate(idx):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].gen)[0]
+    toks = tokens.tolist()
+    info: list = [None] * len(rows)
+    want = [i for i in live if rows[i].logprobs is not None]
+    if want:  # logprobs of the model's own distribution (before penalties, temperature and filters)
+        lp = torch.log_softmax(logits[want], dim=-1)
+        k = max(rows[i].logprobs for i in want)
+        top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        for j, i in enumerate(want):
+            kk = rows[i].logprobs
+            info[i] = (lp[j, toks[i]].item(), list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist())))
+    for i in live:
+        rows[i].observe(toks[i])
+    return toks, info
