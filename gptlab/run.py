@@ -58,6 +58,10 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     check_vocab(model_cfg, tok, str(run_dir))
     with torch.device("meta"):
         model = GPT(model_cfg)
+    if "compression" in cfg:  # quantized layers are rebuilt in their stored layout before the weights load
+        from gptlab.compress.format import prepare_model
+
+        prepare_model(model, cfg["compression"], str(run_dir))
     model = model.to_empty(device=device)
     load_model_weights(model, run_dir / MODEL_FILE)
     if model_cfg.tie_embeddings:

@@ -371,6 +371,8 @@ def export_hf(run_dir, out_dir) -> Path:
     out = Path(out_dir)
     _check_out(out)
     run = load_run(run_dir)
+    if (run.config.get("compression") or {}).get("modules"):  # int8/4-bit layers have no GPT-2 Conv1D weights
+        raise GptlabError(f"{run_dir} is quantized (gptlab compress); export the dense or pruned run it came from")
     cfg, tok = run.model.cfg, run.tokenizer
     mt = _check_exportable(cfg)
     files = _tokenizer_files(tok, cfg.block_size)  # refuses before anything is written
