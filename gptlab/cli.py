@@ -323,17 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the core commands; the later stages' parsers carry their handler (set_defaults(func=...))
 COMMANDS = {"tokenizer": _cmd_tokenizer, "prepare": _cmd_prepare, "pretrain": _cmd_pretrain,
-            "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info, "convert": lambda a: a.func(a),
-            "evaluate": lambda a: a.func(a), "finetune": lambda a: a.func(a), "classify": lambda a: a.func(a), "compress": lambda a: a.func(a),
-            "sft": lambda a: a.func(a), "reward": lambda a: a.func(a), "dpo": lambda a: a.func(a), "ppo": lambda a: a.func(a), "rlhf": lambda a: a.func(a), "pipeline": lambda a: a.func(a),
-            "serve": lambda a: a.func(a)}
+            "sample": _cmd_sample, "generate": _cmd_generate, "chat": _cmd_chat, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.cmd](args)
+        (getattr(args, "func", None) or COMMANDS[args.cmd])(args)
     except GptlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
