@@ -191,6 +191,10 @@ def test_errors_and_auth(server):
         400, "context_length_exceeded")
     err(server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "x" * (3 << 20)})), 413)
     err(server.post("/v1/nothing", ok), 404)
+    err(server.post('/v1/x%22%7D%201%0Agptlab_fake%7Ba%3D%22', ok), 404)  # a decoded path must not become a label
+    m = server.metrics()
+    assert not [k for k in m if "nothing" in k or "gptlab_fake" in k]
+    assert m['gptlab_http_requests_total{endpoint="other",status="404"}'] >= 2
     # unknown fields are ignored (and logged); the server still answers normal requests
     r = server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2, "frobnicate": 1}))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
@@ -289,6 +293,24 @@ def test_moderation_refuses_input_and_redacts_output(busy_server):
     assert m['gptlab_moderation_actions_total{stage="output",action="redact",source="blocklist"}'] == \
         2 * expected.count("[redacted]")
     assert "moderation: refused" in s.log.read_text()
+
+
+def test_chat_reply_ends_at_any_role_token(server):
+    """A model that starts a new turn (<|user|>, <|assistant|>, ...) has finished its own reply, as in `gptlab chat`;
+    logit_bias makes this tiny model emit <|user|> at once."""
+    user_id = ensure_chat_tokens(gpt2_tokenizer()).special_tokens["<|user|>"]
+    r = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0, logit_bias={str(user_id): 100})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == 1
+
+
+def test_logprobs_cannot_show_what_the_blocklist_redacts(busy_server):
+    s = busy_server
+    r = s.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "Hello world", "max_tokens": 12,
+                                              "temperature": 0, "logprobs": 0}))
+    assert r.status_code == 400, r.text  # its tokens would spell out the redacted term
+    assert r.json()["error"]["param"] == "logprobs" and s.term not in r.text
 
 
 def test_web_chat_page_in_headless_chromium(server, tmp_path):

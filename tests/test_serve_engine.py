@@ -278,3 +278,71 @@ def test_health_is_503_while_loading_and_chat_needs_chat_tokens(tmp_path, monkey
         assert r.status_code == 400 and r.json()["error"]["code"] == "chat_not_supported"
         r = c.post("/v1/completions", content=json.dumps({"model": "plain", "prompt": "hi", "max_tokens": 3}))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    from gptlab.errors import GptlabError
+
+    with pytest.raises(GptlabError, match="unknown dtype"):  # a one-line error, not a KeyError
+        app_mod.create_app(tmp_path, dtype="int3")
+
+
+def test_overflowing_sampling_params_do_not_fail_the_batch(tok):
+    """One request's settings must never fail the step for the whole batch: a logit_bias of only out-of-vocabulary
+    ids (an empty float index), temperature or repetition_penalty 1e-300 (logits overflow to inf/nan, where
+    multinomial raises; such a row keeps its top token)."""
+    m = _model(tok.vocab_size)
+    gen = Generator(m, tok)
+    engine = Engine(gen, Metrics())
+    engine.start()
+
+    async def main(specs):
+        loop = asyncio.get_running_loop()
+        reqs = [engine.submit(s, loop) for s in specs]
+        outs = []
+        for r in reqs:
+            toks, items = [], []
+            while (item := await r.queue.get()) is not DONE:
+                items.append(item)
+                if isinstance(item, APIError):
+                    break
+                toks += [t for d in item for t in d.token_ids]
+            outs.append((toks, items))
+        return outs
+
+    try:
+        specs = [_spec(tok, "Hello there", 8), _spec(tok, "Hello there", 8, temperature=1e-300, seed=1),
+                 _spec(tok, "1 2 3", 8, temperature=1.0, repetition_penalty=1e-300, seed=2),
+                 _spec(tok, "Hello there", 8, logit_bias={str(10 ** 9): 5})]  # only ids past the vocabulary
+        outs = asyncio.run(main(specs))
+    finally:
+        engine.stop()
+    assert not [i for _, items in outs for i in items if isinstance(i, APIError)]
+    ref = gen.generate(["Hello there"], SamplingParams(max_new_tokens=8, temperature=0))[0].token_ids
+    assert outs[0][0] == ref and outs[1][0] == ref and outs[3][0] == ref  # temperature → 0 is greedy
+    assert len(outs[2][0]) == 8
+
+
+def test_logprob_text_offsets_count_held_back_text_and_echo(tok):
+    """text_offset is where each token's text starts in the choice's text: text held back (a possible stop
+    string) still counts, and an echoed prompt comes first."""
+    from gptlab.serve.engine import Delta
+    from gptlab.serve.responses import Formatter
+
+    m = _model(tok.vocab_size)
+    gen = Generator(m, tok)
+    ref = gen.generate(["Hello there"], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    pieces = [tok.decode([t]) for t in ref.token_ids]
+    assert len(pieces) == 6 and "\ufffd" not in "".join(pieces)
+    engine = Engine(gen, Metrics())
+    engine.start()
+    try:  # a stop string that never matches but starts with the first token's text: that text is held back
+        spec = _spec(tok, "Hello there", 6, logprobs=0, echo=True, stop=pieces[0] + "\x00")
+        (texts, tokens, _, req), = _run_engine(engine, [spec])
+    finally:
+        engine.stop()
+    assert tokens[0] == ref.token_ids and texts[0] == ref.text
+    offsets = [len("".join(pieces[:i])) for i in range(6)]
+    assert [e[3] for e in req.logprobs] == offsets
+    fmt = Formatter(req, tok, "m")
+    fmt.add(Delta(0, texts[0], tokens[0], req.logprobs, "length"))
+    choice = fmt.response()["choices"][0]
+    assert choice["text"] == "Hello there" + ref.text
+    assert choice["logprobs"]["text_offset"] == [len("Hello there") + o for o in offsets]

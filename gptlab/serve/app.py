@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptlab.chat.template import CHAT_TOKENS, END, render_ids
+from gptlab.chat.template import CHAT_TOKENS, render_ids
 from gptlab.errors import GptlabError
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
@@ -51,9 +51,9 @@ class Server:
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
         self.max_batch, self.max_queue, self.max_body = max_batch, max_queue, max_body_bytes
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise GptlabError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.device, self.moderation = device, moderation
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
         self.metrics = Metrics()
@@ -75,6 +75,7 @@ class Server:
             run = load_run(self.run_dir, self.device)
             self.tok, self.ctx = run.tokenizer, run.model.cfg.block_size
             self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
+            self.chat_stop_ids = tuple(self.tok.special_tokens[t] for t in CHAT_TOKENS) if self.chat_ok else ()
             gen = Generator(run.model, run.tokenizer, self.dtype)
             self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator)
             self.engine.start()
@@ -162,6 +163,10 @@ class CancellingStream(StreamingResponse):
             self.on_close()
 
 
+ENDPOINTS = {"/", "/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/models/{model}",
+             "/v1/completions", "/v1/chat/completions"}
+
+
 class StatusCounter:
     """ASGI middleware counting responses per endpoint and status (no BaseHTTPMiddleware: it breaks
     streaming disconnects)."""
@@ -176,8 +181,11 @@ class StatusCounter:
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 path = scope.get("path", "")
-                known = path in ("/", "/health", "/metrics", "/tokenize", "/detokenize") or path.startswith("/v1/")
-                self.metrics.count_request(path if known else "other", message["status"])
+                if path.startswith("/v1/models/"):
+                    path = "/v1/models/{model}"
+                # fixed labels only: a label per client-chosen path would grow without bound (and the path is
+                # percent-decoded, so it could carry quotes and newlines into the exposition text)
+                self.metrics.count_request(path if path in ENDPOINTS else "other", message["status"])
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -257,13 +265,20 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
 
             def encode(b):
                 msgs = chat_messages(b)
-                return [srv.chat_ids(msgs)], [m["content"] for m in msgs], (srv.tok.special_tokens[END],)
+                # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
+                # its own), as in `gptlab chat` and the pipeline
+                return [srv.chat_ids(msgs)], [m["content"] for m in msgs], srv.chat_stop_ids
         else:
             warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
 
             def encode(b):
                 return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
-        spec = parse_request(body, kind, encode, srv.ctx, srv.max_batch)
+        # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
+        spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch)
+        if spec.logprobs is not None and srv.moderator is not None and srv.moderator.pattern is not None:
+            # logprobs carry every sampled token's text, so they would show what the blocklist redacts
+            raise APIError(400, "logprobs are not available on this server: its output filter redacts text that "
+                                "token logprobs would show", param="logprobs", code="logprobs_not_supported")
         await srv.moderate_input(spec.prompt_texts)
         req = srv.engine.submit(spec, asyncio.get_running_loop())
         fmt = Formatter(req, srv.tok, srv.model_name)
@@ -309,9 +324,9 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         srv.check_model(body, required=False)
         if "messages" in body:
             gp = body.get("add_generation_prompt", True)
-            ids = srv.chat_ids(chat_messages(body), gp is not False)
+            ids = await asyncio.to_thread(srv.chat_ids, chat_messages(body), gp is not False)
         else:
-            ids = completion_prompts(body, srv.tok, srv.tok.vocab_size)[0][0]
+            ids = (await asyncio.to_thread(completion_prompts, body, srv.tok, srv.tok.vocab_size))[0][0]
         return {"tokens": ids, "count": len(ids), "max_model_len": srv.ctx}
 
     @app.post("/detokenize")

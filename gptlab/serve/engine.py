@@ -78,7 +78,7 @@ class Row:
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
         self.stream = TextStream(tok, p.stop)
         self.filter = moderator.output_filter() if moderator else None
-        self.generated, self.chars, self.alive, self.last = 0, 0, True, eot
+        self.generated, self.alive, self.last = 0, True, eot
 
 
 class Engine:
@@ -278,7 +278,7 @@ class Engine:
         else:
             ids.append(t)
             if lp is not None:
-                lps.append((t, lp[0], lp[1], r.chars))
+                lps.append((t, lp[0], lp[1], len(r.stream.text)))  # where t's text starts, held-back text included
             if r.stream.push(t):
                 reason = "stop"
             elif r.generated >= r.req.spec.params.max_new_tokens:
@@ -302,5 +302,4 @@ class Engine:
             reason, withhold = "content_filter", True
             self.metrics.count_moderation("output", "refuse", "classifier")
             log.warning("moderation: classifier flagged the output of request %s", r.req.id)
-        r.chars += len(text)
         return Delta(r.index, text, ids, lps, reason, withhold)

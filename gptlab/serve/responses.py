@@ -17,12 +17,13 @@ def usage(req: Request) -> dict:
             "total_tokens": req.prompt_tokens + req.completion_tokens}
 
 
-def completion_logprobs(tok, entries: list) -> dict:
-    """Legacy completions format: parallel lists."""
+def completion_logprobs(tok, entries: list, base: int = 0) -> dict:
+    """Legacy completions format: parallel lists; text offsets count from the start of the choice's text,
+    which begins with the `base` characters of an echoed prompt."""
     return {"tokens": [_token_str(tok, t) for t, *_ in entries],
             "token_logprobs": [lp for _, lp, _, _ in entries],
             "top_logprobs": [{_token_str(tok, i): v for i, v in top} for _, _, top, _ in entries],
-            "text_offset": [off for *_, off in entries]}
+            "text_offset": [base + off for *_, off in entries]}
 
 
 def chat_logprobs(tok, entries: list) -> dict:
@@ -66,7 +67,8 @@ class Formatter:
             reason = self.finish[i]
             lp = None
             if self.req.spec.logprobs is not None:
-                lp = (chat_logprobs if self.chat else completion_logprobs)(self.tok, self.entries[i])
+                lp = (chat_logprobs(self.tok, self.entries[i]) if self.chat else
+                      completion_logprobs(self.tok, self.entries[i], len(self.prompt_text(i))))
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                                 "logprobs": lp, "finish_reason": reason})
@@ -96,7 +98,8 @@ class Formatter:
     def chunk(self, d: Delta) -> str:
         lp = None
         if self.req.spec.logprobs is not None and d.logprobs:
-            lp = (chat_logprobs if self.chat else completion_logprobs)(self.tok, d.logprobs)
+            lp = (chat_logprobs(self.tok, d.logprobs) if self.chat else
+                  completion_logprobs(self.tok, d.logprobs, len(self.prompt_text(d.index))))
         if self.chat:
             delta = {"content": d.text} if d.text or not d.finish_reason else {}
             return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])

@@ -39,9 +39,10 @@ class RowSampler:
         if self.presence or self.frequency:
             self.counts = torch.zeros(self.vocab, device=dev)
         self.bias = None
-        if self.logit_bias:
-            idx = [t for t in self.logit_bias if 0 <= t < self.vocab]
-            self.bias = (torch.tensor(idx, device=dev), torch.tensor([self.logit_bias[t] for t in idx], device=dev))
+        idx = [t for t in self.logit_bias if 0 <= t < self.vocab]  # ids past the vocabulary are ignored
+        if idx:  # (an empty torch.tensor([]) is float, which index_add rejects)
+            self.bias = (torch.tensor(idx, dtype=torch.long, device=dev),
+                         torch.tensor([self.logit_bias[t] for t in idx], device=dev))
 
     @property
     def adjusts(self) -> bool:
@@ -86,8 +87,12 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampler | None]) -> tuple[li
             groups[_filter_key(rows[i].params)].append(i)
     for idx in groups.values():
         probs = torch.softmax(filter_logits(proc[idx], rows[idx[0]].params), dim=-1)
+        # extreme settings (temperature 1e-300, repetition_penalty 1e-300) overflow to inf/nan, and
+        # multinomial would raise for the whole batch: such a row keeps its top token (the limit it tends to)
+        ok = torch.isfinite(probs).all(dim=-1).tolist()
         for j, i in enumerate(idx):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].gen)[0]
+            if ok[j]:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].gen)[0]
     toks = tokens.tolist()
     info: list = [None] * len(rows)
     want = [i for i in live if rows[i].logprobs is not None]
