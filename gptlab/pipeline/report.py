@@ -124,13 +124,12 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
                   f"margin {_f(d.get('heldout_margin'), 3)}."]
     rows = R.get("compress", {}).get("table") or []
     if rows:
-        cols = [c for c in ("method", "bits", "sparsity", "params", "size_mb", "val_ppl", "decode_tok_s") if c in rows[0]]
-        lines += ["", "## Compression (of the PPO model)", "", "| model | " + " | ".join(cols) + " |",
-                  "|---|" + "---|" * len(cols)]
-        lines += [f"| {Path(str(r.get('run', '?'))).name} | " + " | ".join(_cell_value(c, r.get(c)) for c in cols) + " |"
-                  for r in rows]
+        from gptlab.compress.report import markdown_table
+
+        lines += ["", "## Compression (of the PPO model)", "",
+                  markdown_table([{**r, "run": Path(str(r.get("run", "?"))).name} for r in rows])]
         lines += ["", "Decode tokens/s at batch 1 on this machine; sparse weights are stored dense, so unstructured "
-                  "sparsity makes the model no faster here (see `gptlab compress --help`)."]
+                  "sparsity makes the model no faster here (docs/compress.md says which formats are)."]
         dense = [(0.0, float(r["val_ppl"])) for r in rows if r.get("method") == "dense" and "val_ppl" in r]
         by_method: dict[str, list] = {}
         for r in rows:  # perplexity against sparsity, per pruning method, each starting from the dense model
@@ -163,20 +162,6 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text, encoding="utf-8"))
     atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(R, indent=2, default=str)))
     return out / "report.md"
-
-
-def _cell_value(col: str, v) -> str:
-    if v is None:
-        return "—"
-    if col == "params":
-        return f"{v / 1e6:.2f}M"
-    if col == "sparsity":
-        return f"{v:.0%}"
-    if col in ("size_mb", "decode_tok_s"):
-        return f"{v:.1f}"
-    if col == "val_ppl":
-        return f"{v:.2f}"
-    return str(v)
 
 
 def _cell(text: str) -> str:
