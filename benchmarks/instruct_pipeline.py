@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from gptlab.align.data import load_preferences, load_sft_examples  # noqa: E402
 from gptlab.align.dpo import dpo  # noqa: E402
+from gptlab.align.ppo import ppo  # noqa: E402
 from gptlab.align.reward import RewardModel, train_reward  # noqa: E402
 from gptlab.align.sft import sft  # noqa: E402
 from gptlab.align.stage import split_heldout  # noqa: E402
@@ -188,24 +189,19 @@ def main() -> None:
     # actor + critic fwd/bwd) ≈ 17k pretraining-token equivalents, plus the token-by-token sampling
     iters = a.ppo_iterations or int(min(30, max(4, a.ppo_minutes * 60 * tps / 17000)))
     ppo_prompts = [{"messages": prefs[i].prompt} for i in train_idx]
-    try:
-        from gptlab.align.ppo import ppo
-
-        ppo_res = ppo(OUT / "ppo", ppo_prompts, actor_from=OUT / "sft", reward_from=OUT / "rm",
-                      config=dict(iterations=iters, rollout_prompts=16, samples_per_prompt=1, ppo_epochs=2,
-                                  minibatch_size=8, max_new_tokens=48, kl_coef=0.02, actor_lr=2e-5, critic_lr=5e-5,
-                                  eval_prompts=16, checkpoint_every=10),
-                      quiet=True)
-        fig.update(ppo_reward_before=ppo_res["reward_before"], ppo_reward_after=ppo_res["reward_after"],
-                   ppo_kl_after=ppo_res["kl_after"])
-        print(f"[ppo] held-out reward {ppo_res['reward_before']:+.3f} -> {ppo_res['reward_after']:+.3f} · KL "
-              f"{ppo_res['kl_after']:.4f} nats · {ppo_res.get('step')} steps")
-        for tag in ("before", "after"):
-            for s in (ppo_res.get(f"samples_{tag}") or [])[:2]:
-                s = s if isinstance(s, dict) else {"response": str(s)}
-                print(f"  [{tag}] reward {s.get('reward', float('nan')):+.3f} · {s.get('response', '')[:160]!r}")
-    except Exception as e:  # PPO is align-ppo's module: report, then go on with DPO
-        print(f"[ppo] FAILED: {type(e).__name__}: {e}")
+    ppo_res = ppo(OUT / "ppo", ppo_prompts, actor_from=OUT / "sft", reward_from=OUT / "rm",
+                  config=dict(iterations=iters, rollout_prompts=16, samples_per_prompt=1, ppo_epochs=2,
+                              minibatch_size=8, max_new_tokens=128, kl_coef=0.05, actor_lr=2e-5, critic_lr=5e-5,
+                              eval_prompts=16, checkpoint_every=10),
+                  quiet=True)
+    fig.update(ppo_reward_before=ppo_res["reward_before"], ppo_reward_after=ppo_res["reward_after"],
+               ppo_kl_after=ppo_res["kl_after"])
+    print(f"[ppo] held-out reward {ppo_res['reward_before']:+.3f} -> {ppo_res['reward_after']:+.3f} · KL "
+          f"{ppo_res['kl_after']:.4f} nats · {ppo_res.get('step')} steps")
+    for tag in ("before", "after"):
+        for s in (ppo_res.get(f"samples_{tag}") or [])[:2]:
+            s = s if isinstance(s, dict) else {"response": str(s)}
+            print(f"  [{tag}] reward {s.get('reward', float('nan')):+.3f} · {s.get('response', '')[:160]!r}")
     times["ppo"] = time.perf_counter() - t
 
     # --- 4. DPO on the same pairs -------------------------------------------------------------------
