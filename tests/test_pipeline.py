@@ -22,7 +22,7 @@ pretrain:
   train: {{max_iters: 12, batch_size: 8, block_size: 96, eval_interval: 6, eval_iters: 2, sample_interval: 0,
           log_interval: 4, checkpoint_interval: 6, dtype: float32}}
 synth: {{n_sft: 48, n_pref: 24, n_prompts: 12, n_cloze: 12}}
-evaluate: {{shots: [0, 1], cloze_n: 6, max_batches: 1}}
+evaluate: {{shots: [0, 1], cloze_n: 6, eval_tokens: 768}}
 sft: {{epochs: 1, train: {{batch_size: 8, eval_interval: 3, dtype: float32}}}}
 reward: {{epochs: 1, train: {{batch_size: 4, eval_interval: 3, dtype: float32}}}}
 ppo: {{config: {{iterations: 2, rollout_prompts: 4, minibatch_size: 4, max_new_tokens: 12, eval_prompts: 4,

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from gptlab.errors import GptlabError
 from gptlab.pipeline.config import PipelineConfig
 from gptlab.pipeline.state import PipelineState
@@ -108,21 +106,14 @@ def _synth(ctx: Ctx, c: dict, resume: bool) -> dict:
         raise
 
 
-def val_loss(run_dir: Path, data_dir: Path, max_batches: int | None, batch_size: int = 8) -> float:
-    """Mean next-token loss of a run over the val split (the first `max_batches` windows, or all)."""
-    from gptlab.data.loader import TokenData
+def _val(run_dir: Path, ctx: Ctx, c: dict) -> dict:
+    """Val loss and perplexity of a run on the first `eval_tokens` tokens of the val split (the same
+    measure as the compression table)."""
+    from gptlab.compress.report import val_perplexity
     from gptlab.run import load_run
 
-    run = load_run(run_dir)
-    T = run.model.cfg.block_size
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in TokenData(data_dir).iter_eval_windows(T, batch_size, max_batches=max_batches):
-            logits, _ = run.model(x)
-            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                       reduction="sum").item()
-            n += y.numel()
-    return total / max(n, 1)
+    r = val_perplexity(load_run(run_dir).model, ctx.dir("data"), eval_tokens=c.get("eval_tokens", 65536))
+    return {"val_loss": r["val_loss"], "val_ppl": r["val_ppl"]}
 
 
 def _cloze(run_dir: Path, ctx: Ctx, c: dict) -> dict:
@@ -141,8 +132,7 @@ def _cloze(run_dir: Path, ctx: Ctx, c: dict) -> dict:
 
 
 def _evaluate(ctx: Ctx, c: dict, resume: bool) -> dict:
-    loss = val_loss(ctx.dir("pretrain"), ctx.dir("data"), c.get("max_batches"))
-    return {"val_loss": loss, "val_ppl": _ppl(loss), "cloze_acc": _cloze(ctx.dir("pretrain"), ctx, c)}
+    return {**_val(ctx.dir("pretrain"), ctx, c), "cloze_acc": _cloze(ctx.dir("pretrain"), ctx, c)}
 
 
 # --- alignment ----------------------------------------------------------------------------------------
@@ -226,8 +216,7 @@ def _evaluate_final(ctx: Ctx, c: dict, resume: bool) -> dict:
     models = {"pretrain": ctx.dir("pretrain"), **chat_models(ctx)}
     out = {}
     for label, d in models.items():
-        loss = val_loss(d, ctx.dir("data"), c.get("max_batches"))
-        out[label] = {"val_loss": loss, "val_ppl": _ppl(loss), "cloze_acc": _cloze(d, ctx, c)}
+        out[label] = {**_val(d, ctx, c), "cloze_acc": _cloze(d, ctx, c)}
     return {"models": out}
 
 
