@@ -125,8 +125,8 @@ def critic_values(critic: GPT, seq: torch.Tensor, positions: torch.Tensor) -> to
 @contextlib.contextmanager
 def unpacked(model: torch.nn.Module):
     """Run `model` without the generator's prepacked CPU linears (gptlab.generate.packed), so the log-probs
-    recorded here come from the same kernels, and the same autocast dtype, as the training forward: the
-    packed path ignores autocast and rounds differently, which would put a spurious ratio ≠ 1 into PPO."""
+    recorded here come from the same kernels as the training forward: the packed kernels round differently,
+    which would put a spurious ratio ≠ 1 into PPO's first minibatch."""
     saved = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
     try:
         yield
@@ -179,9 +179,6 @@ class ExperienceMaker:
         """-> (prompt ids, response ids incl. a sampled <|end|>, ended flags, prompt texts, response texts)."""
         prompt_ids = [render_ids(self.tok, c, add_generation_prompt=True)[0] for c in conversations]
         was_training = self.actor.training
-        for m in self.actor.modules():  # the fused AdamW step updates weights without bumping their version
-            if hasattr(m, "_packed_key"):  # counter, so the generator's packed copies must be rebuilt by hand
-                m._packed_key = None
         # sampling runs in the actor's own fp32 weights whatever autocast context the caller is in. With a
         # seed (evaluation) the rows draw from a forked global RNG seeded once: independent rows (the
         # generator's per-row seeds would give every prompt the same random stream), and the training

@@ -33,8 +33,8 @@ def _pack(mod: nn.Linear) -> None:
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
-    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype:
-        return F.linear(x, w, self.bias)
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, w, self.bias)  # training, another device or dtype, or autocast's own casting
     if self._packed_key != (w._version, w.dtype, w.data_ptr()):
         _pack(self)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self._packed, self.bias, "none", [], "")
