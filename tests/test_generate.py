@@ -270,3 +270,5 @@ def test_packed_cpu_linears_match_and_follow_weight_updates():
     y = lin(x)  # with grad: the plain path, so training through a packed module still works
     y.sum().backward()
     assert lin.weight.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # under autocast the packed fp32 path steps aside
