@@ -28,10 +28,10 @@ KINDS = {"int8": Int8Linear, "llm-int8": LLMInt8Linear, "intn": IntNLinear}
 
 def module_spec(mod: nn.Module) -> dict | None:
     """The record entry that rebuilds `mod` (None for a plain nn.Linear)."""
+    if isinstance(mod, LLMInt8Linear):  # before Int8Linear: it is one (same weights, another forward)
+        return {"kind": "llm-int8", "threshold": mod.threshold}
     if isinstance(mod, Int8Linear):
         return {"kind": "int8"}
-    if isinstance(mod, LLMInt8Linear):
-        return {"kind": "llm-int8", "threshold": mod.threshold}
     if isinstance(mod, IntNLinear):
         return {"kind": "intn", "bits": mod.bits, "group_size": mod.group_size}
     return None

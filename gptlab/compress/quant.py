@@ -149,7 +149,7 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.long() @ b.long().t()).to(torch.int32)
 
 
-class LLMInt8Linear(nn.Module):
+class LLMInt8Linear(Int8Linear):
     """LLM.int8(): y = X_o · W_oᵀ (floating point, outlier columns o) + s_x s_wᵀ ⊙ (Q(X_r) · Q(W_r)ᵀ) (int8).
 
     Outlier columns are found per call: input features where any row has |x| ≥ threshold (6.0 in the
@@ -161,25 +161,14 @@ class LLMInt8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features, self.threshold = in_features, out_features, float(threshold)
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype or torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)  # the same int8 weights
+        self.threshold = float(threshold)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, threshold: float = 6.0) -> "LLMInt8Linear":
-        w = lin.weight.detach()
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, threshold, device=w.device)
-        s = absmax_scale(w, 8)
-        m.weight_int8.copy_(quantize_symmetric(w, s, 8))
-        m.weight_scale.copy_(s)
-        if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.detach().float())
+        m = super().from_linear(lin)
+        m.threshold = float(threshold)
         return m
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
     def outlier_columns(self, x2: torch.Tensor) -> torch.Tensor:
         return (x2.abs() >= self.threshold).any(dim=0)  # (in,) bool
