@@ -256,8 +256,9 @@ def test_client_disconnect_stops_generation(server):
 
 
 def test_queue_full_answers_503_with_retry_after(busy_server):
-    """One row and one waiting slot: of 12 long requests sent at once, the ones that find both taken
-    are answered 503 + Retry-After at once, the others complete."""
+    """One row and one waiting slot: of 10 long requests sent at once, the ones that find both taken
+    are answered 503 + Retry-After at once, the others complete. One or two complete: the second only if
+    the first has left the queue for the row before the burst fills it (timing on a busy machine)."""
     s = busy_server
     body = json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 300, "ignore_eos": True})
 
@@ -268,7 +269,7 @@ def test_queue_full_answers_503_with_retry_after(busy_server):
     rs = asyncio.run(burst())
     busy = [r for r in rs if r.status_code == 503]
     done = [r for r in rs if r.status_code == 200]
-    assert len(busy) + len(done) == 10 and len(busy) >= 5 and len(done) >= 2
+    assert len(busy) + len(done) == 10 and len(busy) >= 5 and 1 <= len(done) <= 2
     assert all(int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "server_overloaded" for r in busy)
     assert all(r.json()["usage"]["completion_tokens"] == 300 for r in done)
     m = s.wait_idle()
