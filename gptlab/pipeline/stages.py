@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -197,8 +196,7 @@ def chat_models(ctx: Ctx) -> dict[str, Path]:
 def _compress(ctx: Ctx, c: dict, resume: bool) -> dict:
     from gptlab.compress import api
 
-    policy, data, out = ctx.dir("ppo"), ctx.dir("data"), ctx.dir("compress")
-    shutil.rmtree(out, ignore_errors=True)
+    policy, data, out = ctx.dir("ppo"), ctx.dir("data"), ctx.dir("compress")  # out: emptied by the runner
     made = [policy]
     calib = {"calib_samples": c.get("calib_samples", 32)}
     if c.get("int8", True):
