@@ -58,7 +58,7 @@ def test_every_stage_runs_and_the_report_has_each_stages_figures(tiny):
     for heading in ("## Pretraining", "## Zero/few-shot evaluation", "## SFT", "## Reward model", "## PPO", "## DPO",
                     "## Compression", "## Evaluation of every model", "## Chat samples"):
         assert heading in report
-    for png in ("pretrain_loss.png", "reward_accuracy.png", "ppo_curves.png", "ppl_vs_sparsity.png"):
+    for png in ("pretrain_loss.png", "reward_accuracy.png", "ppo_reward.png", "ppo_kl.png", "ppl_vs_sparsity.png"):
         assert (root / "report" / png).stat().st_size > 1000
     results = json.loads((root / "report" / "results.json").read_text())
     assert 0.0 <= results["reward"]["heldout_accuracy"] <= 1.0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from gptlab.train.checkpoint import atomic_write
-from gptlab.train.metrics import plot_loss, read_metrics
 
 
 def _f(v, nd: int = 4) -> str:
@@ -41,20 +41,12 @@ def _plot(curves: dict[str, list[tuple[float, float]]], png: Path, title: str, x
     return png
 
 
-def _series(metrics: Path, keys: list[str]) -> dict[str, list[tuple[float, float]]]:
-    recs = read_metrics(metrics) if metrics.exists() else []
-    return {k: [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float)) and "step" in r] for k in keys}
-
-
-def _pick(metrics: Path, words: tuple[str, ...], limit: int = 3) -> list[str]:
-    """Numeric metric keys whose name holds one of `words` (the stages' own names for reward, KL, accuracy)."""
-    recs = read_metrics(metrics) if metrics.exists() else []
-    keys: list[str] = []
-    for r in recs:
-        for k, v in r.items():
-            if isinstance(v, (int, float)) and any(w in k for w in words) and k not in keys:
-                keys.append(k)
-    return keys[:limit]
+def _figure(src: Path, dst: Path, alt: str) -> list[str]:
+    """A stage's own plot, copied beside the report (each stage draws its curves when it finishes)."""
+    if not src.exists():
+        return []
+    shutil.copyfile(src, dst)
+    return ["", f"![{alt}]({dst.name})"]
 
 
 def write_report(ctx, hashes: dict[str, str]) -> Path:
@@ -72,7 +64,6 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
         status = "disabled" if h == "off" else (s.get("status", "not run") if s.get("hash") == h else "not run")
         lines.append(f"| {name} | {status}{': ' + s['error'] if status == 'failed' and s.get('error') else ''} | "
                      f"{_f(s.get('elapsed_s'), 1) + ' s' if s.get('elapsed_s') is not None else '—'} |")
-    figs: list[str] = []
 
     if "pretrain" in R:
         p = R["pretrain"]
@@ -80,9 +71,7 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
                   f"{p.get('params', 0) / 1e6:.2f}M parameters ({p.get('layers')} layers × {p.get('width')}), "
                   f"{p.get('step')} steps: val loss **{_f(p.get('val_loss'))}** (perplexity {_f(p.get('val_ppl'), 2)}) "
                   "on the whole val split."]
-        if plot_loss(root / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png", "pretraining"):
-            figs.append("pretrain_loss.png")
-            lines += ["", "![pretraining loss](pretrain_loss.png)"]
+        lines += _figure(root / "pretrain" / "loss.png", out / "pretrain_loss.png", "pretraining loss")
     if R.get("evaluate", {}).get("cloze_acc"):
         e = R["evaluate"]
         lines += ["", "## Zero/few-shot evaluation (pretrained model)", "",
@@ -102,10 +91,7 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
         r = R["reward"]
         lines += ["", "## Reward model", "", f"held-out pairwise accuracy **{_f(r.get('heldout_accuracy'), 3)}** "
                   f"(train {_f(r.get('train_accuracy'), 3)}); reward offset {_f(r.get('offset'), 3)}."]
-        m = root / "reward" / "metrics.jsonl"
-        if _plot(_series(m, _pick(m, ("acc",))), out / "reward_accuracy.png", "reward model"):
-            figs.append("reward_accuracy.png")
-            lines += ["", "![reward model accuracy](reward_accuracy.png)"]
+        lines += _figure(root / "reward" / "accuracy.png", out / "reward_accuracy.png", "reward model accuracy")
     if "ppo" in R:
         p = R["ppo"]
         lines += ["", "## PPO", "", "Held-out prompts, sampled at temperature 1: reward (the reward model's, minus "
@@ -114,10 +100,8 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
                   f"| before (SFT) | {_f(p.get('reward_before'))} | {_f(p.get('kl_before', 0.0))} | "
                   f"{_f(p.get('ended_before'), 2)} |",
                   f"| after | {_f(p.get('reward_after'))} | {_f(p.get('kl_after'))} | {_f(p.get('ended_after'), 2)} |"]
-        m = root / "ppo" / "metrics.jsonl"
-        if _plot(_series(m, _pick(m, ("reward", "kl"), 4)), out / "ppo_curves.png", "PPO"):
-            figs.append("ppo_curves.png")
-            lines += ["", "![PPO reward and KL](ppo_curves.png)"]
+        lines += _figure(root / "ppo" / "reward.png", out / "ppo_reward.png", "PPO reward")
+        lines += _figure(root / "ppo" / "kl.png", out / "ppo_kl.png", "PPO KL")
     if "dpo" in R:
         d = R["dpo"]
         lines += ["", "## DPO", "", f"held-out implicit-reward accuracy {_f(d.get('heldout_reward_accuracy'), 3)}, "
@@ -138,7 +122,6 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
                 by_method.setdefault(m, list(dense)).append((float(r["sparsity"]), float(r["val_ppl"])))
         if by_method and _plot({k: sorted(v) for k, v in by_method.items()}, out / "ppl_vs_sparsity.png",
                          "val perplexity vs sparsity", "sparsity", "perplexity"):
-            figs.append("ppl_vs_sparsity.png")
             lines += ["", "![perplexity vs sparsity](ppl_vs_sparsity.png)"]
     if R.get("evaluate_final", {}).get("models"):
         ms = R["evaluate_final"]["models"]
