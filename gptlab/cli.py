@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from gptlab.config import add_dtype_arg
 from gptlab.errors import GptlabError
 
 
@@ -72,6 +73,7 @@ def _cmd_sample(a) -> None:
     import torch
 
     from gptlab.run import load_run
+    from gptlab.runtime import autocast, linear_shape, resolve_dtype
     from gptlab.sample import sample
 
     run = load_run(a.run_dir, device=a.device)
@@ -82,7 +84,7 @@ def _cmd_sample(a) -> None:
         ids = ids[-(model.cfg.block_size - 1):]
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     x = torch.tensor([ids] * a.num_samples, device=a.device)
-    with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
+    with autocast(a.device, resolve_dtype(a.dtype, a.device, linear_shape(model, a.num_samples))):
         out = sample(model, x, a.max_new_tokens, a.temperature, a.top_k, generator=g)
     for i, row in enumerate(out.tolist()):
         text = tok.decode(row[len(ids):])
@@ -101,13 +103,11 @@ def _sampling_params(a):
 
 
 def _load_generator(a):
-    import torch
-
     from gptlab.generate import Generator
     from gptlab.run import load_run
 
     run = load_run(a.run_dir, device=a.device)
-    return run, Generator(run.model, run.tokenizer, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
+    return run, Generator(run.model, run.tokenizer, dtype=a.dtype)
 
 
 def _cmd_generate(a) -> None:
@@ -153,9 +153,6 @@ def _replace_seed(params, seed):
 def _cmd_chat(a) -> None:
     from gptlab.chat import CHAT_TOKENS, ensure_chat_tokens, run_chat
     from gptlab.generate import Generator
-
-    import torch
-
     from gptlab.run import load_run
 
     run = load_run(a.run_dir, device=a.device)
@@ -163,7 +160,7 @@ def _cmd_chat(a) -> None:
         print("warning: this run was not fine-tuned for chat (no chat tokens); replies may ramble until "
               "--max-new-tokens", file=sys.stderr)
     tok = ensure_chat_tokens(run.tokenizer, run.model)  # before the Generator: may grow the embeddings
-    gen = Generator(run.model, tok, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
+    gen = Generator(run.model, tok, dtype=a.dtype)
     run_chat(gen, tok, run.model.cfg.block_size, _sampling_params(a), system=a.system)
 
 
@@ -216,7 +213,7 @@ def _add_sampling_args(p, temperature: float = 1.0, max_new: int = 128) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** α (GPT-3 used 0.6)")
     p.add_argument("--strict", action="store_true", help="refuse prompts longer than the context instead of cropping")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    add_dtype_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    add_dtype_arg(s)
 
     g = sub.add_parser("generate", help="generate text with the KV-cache generator")
     g.add_argument("run_dir")

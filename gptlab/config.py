@@ -66,3 +66,12 @@ def load_yaml(path: str | Path | None) -> dict:
     if not isinstance(data, dict):
         raise GptlabError(f"config file {p} must be a mapping of keys to values")
     return data
+
+
+def add_dtype_arg(p, default: str = "auto") -> None:
+    """--dtype on every command: auto | float32 | bfloat16 | float16, also spelled fp32 / bf16 / fp16."""
+    from gptlab.runtime import dtype_arg  # torch is imported only by the commands that use it
+
+    p.add_argument("--dtype", type=dtype_arg(), default=default, metavar="{auto,float32,bfloat16,float16}",
+                   help="compute dtype; auto: bf16 where this GPU/CPU runs it natively and faster, else float32 "
+                        "(the choice and its reason are printed) [default: %(default)s]")

@@ -10,9 +10,10 @@ import torch
 from gptlab import __version__
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
+from gptlab.runtime import linear_shape, resolve_dtype
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from gptlab.train.checkpoint import (CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, atomic_write_json,
-                                     load_model_weights, read_json)
+from gptlab.fileio import atomic_write_json, read_json
+from gptlab.train.checkpoint import CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, load_model_weights
 
 
 @dataclass
@@ -49,8 +50,11 @@ def check_vocab(model_cfg: GPTConfig, tokenizer: Tokenizer, where: str) -> None:
                           f"{model_cfg.vocab_size} (tokenizer/model vocab mismatch)")
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Run:
-    """Load a run directory for inference: model in eval mode, weights checked against the config."""
+def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+             rows: int = 1) -> Run:
+    """Load a run directory for inference: model in eval mode, weights checked against the config.
+    dtype: None keeps the stored weights' dtype; a name ('auto', 'bf16', ...) or torch dtype converts them,
+    'auto' measured for forwards of `rows` tokens (1: decoding; batch × context: scoring)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     model_cfg = GPTConfig.from_dict(cfg["model"])
@@ -67,5 +71,5 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(resolve_dtype(dtype, device, linear_shape(model, rows)))
     return Run(model.eval(), tok, cfg, run_dir)

@@ -343,7 +343,7 @@ def test_dropout_is_off_in_the_trained_actor_and_critic(tmp_path):
     write_run_config(d, m.cfg, tok, stage="sft")
     save_model(m, d / "model.safetensors")
     cfg = PPOConfig.from_dict(_cfg())
-    actor, critic, ref, _, tok = _load_models(d, None, None, d, cfg, torch.device("cpu"), torch.float32)
+    actor, critic, ref, _, tok, _ = _load_models(d, None, None, d, cfg, torch.device("cpu"))
     pair = ActorCritic(actor, critic)
     torch.manual_seed(1)
     seq = torch.randint(0, tok.vocab_size, (3, 24))

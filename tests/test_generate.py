@@ -204,7 +204,9 @@ def test_generate_and_chat_commands(tmp_path, tok):
                    "8", "--stream")
     assert streamed.stdout.strip() == out.stdout.split("\n" + "-" * 40)[0].strip()
     strict = run("generate", str(tmp_path / "run"), "--prompt", "hello " * 80, "--strict")
-    assert strict.returncode == 2 and strict.stderr.startswith("error: ") and "context window" in strict.stderr
+    *info, err = strict.stderr.splitlines()  # the dtype choice, then the one-line error
+    assert strict.returncode == 2 and err.startswith("error: ") and "context window" in err
+    assert all(ln.startswith("dtype auto → ") for ln in info) and len(info) <= 1
     chat = run("chat", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0",
                input="hi there\n/system be brief\nagain\n/reset\n/quit\n")
     assert chat.returncode == 0 and chat.stdout.count("you> ") >= 4

@@ -280,7 +280,7 @@ def test_health_is_503_while_loading_and_chat_needs_chat_tokens(tmp_path, monkey
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     from gptlab.errors import GptlabError
 
-    with pytest.raises(GptlabError, match="unknown dtype"):  # a one-line error, not a KeyError
+    with pytest.raises(GptlabError, match="dtype must be one of"):  # a one-line error, not a KeyError
         app_mod.create_app(tmp_path, dtype="int3")
 
 

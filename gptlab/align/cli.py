@@ -70,7 +70,7 @@ def _cmd_reward_score(a) -> None:
     from gptlab.align.data import load_preferences, load_sft_examples
     from gptlab.align.reward import RewardModel
     from gptlab.data.records import read_rows
-    from gptlab.train.checkpoint import atomic_write
+    from gptlab.fileio import atomic_write
 
     rm = RewardModel.load(a.run_dir, device=a.device)
     rows = read_rows(a.data)

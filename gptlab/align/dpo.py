@@ -31,7 +31,8 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.engine import Trainer
+from gptlab.runtime import autocast
+from gptlab.train.engine import Trainer, compute_dtype
 
 RECIPE = "dpo"
 # DPO paper: RMSprop lr 1e-6, batch 64, warmup 150 steps, β 0.1; small models here need a larger lr
@@ -172,8 +173,9 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     single_process(info, "dpo")
     cfg = schedule(cfg, given, len(train_pairs), epochs, WARMUP_FRACTION)
     model, ref_model = model.to(device), ref_model.to(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
-                else torch.autocast(device.type, enabled=False))
+    tokens_per_sample = max(1, round(sum(len(p.chosen.ids) + len(p.rejected.ids) for p in train_pairs) / len(train_pairs)))
+    # the reference's log-probs in the dtype the Trainer will train in (the same decision, printed once)
+    amp = autocast(device, compute_dtype(cfg, model, device, tokens_per_sample))
     pad = tok.eot_id
     order = EpochOrder(len(train_pairs), cfg.seed)
     n_global = cfg.batch_size * cfg.grad_accum
@@ -182,8 +184,8 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     needed = sorted({i for s in range(cfg.max_iters) for i in order.indices(s, slice(0, n_global), n_global)})
     ref_train = torch.full((len(train_pairs), 2), float("nan"))
     ref_train[needed] = reference_logprobs(ref_model, [train_pairs[i] for i in needed], pad, cfg.batch_size,
-                                           device, autocast)
-    ref_held = reference_logprobs(ref_model, held_pairs, pad, cfg.batch_size, device, autocast)
+                                           device, amp)
+    ref_held = reference_logprobs(ref_model, held_pairs, pad, cfg.batch_size, device, amp)
     del ref_model  # only its log-probs are needed from here on (when not resuming it IS the policy)
 
     stage_cfg = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else None, "beta": beta,
@@ -212,7 +214,6 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     def eval_fn(m: torch.nn.Module, final: bool) -> dict:
         return evaluate(m, held_batches(list(range(len(held_pairs))) if final else subset), beta)
 
-    tokens_per_sample = max(1, round(sum(len(p.chosen.ids) + len(p.rejected.ids) for p in train_pairs) / len(train_pairs)))
     try:
         trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample,
                           loss_fn=lambda m, b: dpo_terms(m, b, beta)[0], eval_fn=eval_fn if held_pairs else None,

@@ -5,7 +5,7 @@ Four models. The actor (from the SFT run, trained) and the critic (from the rewa
 gives one value per token; from the SFT trunk with a new scalar head when there is no reward model) are
 one `ActorCritic` module trained by the one engine (`Trainer`: checkpoints, bit-exact resume,
 metrics.jsonl, NaN stop) with one AdamW (critic lr via a param-group scale). The reward model and the
-reference are frozen: no grad, `frozen_dtype` (bf16) weights; with `reward_fn` there is no reward model.
+reference are frozen: no grad, `frozen_dtype` weights (auto: the compute dtype); with `reward_fn` there is no reward model.
 Dropout is off in the actor and critic: it would make the recomputed log-probs differ from the sampler's.
 
 Schedule: iteration k = one experience batch (`ExperienceMaker`, rollout_prompts × samples_per_prompt
@@ -37,8 +37,10 @@ from gptlab.errors import GptlabError
 from gptlab.finetune.train import EpochOrder, load_pretrained
 from gptlab.model import GPT
 from gptlab.run import load_run, write_run_config
+from gptlab.runtime import TRAIN_DTYPES, autocast, dtype_name, linear_shape, resolve_dtype
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import atomic_write_json, read_json, save_model
+from gptlab.train.checkpoint import save_model
+from gptlab.fileio import atomic_write_json, read_json
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
 from gptlab.train.metrics import read_metrics
@@ -155,9 +157,13 @@ def plot_ppo(metrics_path: Path, out_dir: Path, before: dict | None = None) -> l
 
 
 # --- the stage -----------------------------------------------------------------------------------------
-def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOConfig, device, frozen_dtype):
+def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOConfig, device):
     torch.manual_seed(cfg.seed)  # new embedding rows / a new value head: identical on resume
     actor, tok = load_pretrained(actor_from, NO_DROPOUT)  # dropout off: the ratio needs eval == train forward
+    # one compute dtype for the stage (rollouts and training); frozen models take it too unless set
+    shape = linear_shape(actor, (cfg.micro_batch_size or cfg.minibatch_size) * actor.cfg.block_size)
+    train_dtype = resolve_dtype(cfg.dtype, device, shape, allowed=TRAIN_DTYPES)
+    frozen_dtype = train_dtype if cfg.frozen_dtype == "auto" else resolve_dtype(cfg.frozen_dtype, device, shape)
     if not all(t in tok.special_tokens for t in CHAT_TOKENS):
         warnings.warn(f"{actor_from} has no chat tokens (not an SFT run?); adding them with random embeddings",
                       stacklevel=3)
@@ -198,7 +204,7 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
             p.requires_grad_(False)
     for m in (actor, critic):
         _no_dropout(m)
-    return actor.to(device), critic.to(device), ref, rm, tok
+    return actor.to(device), critic.to(device), ref, rm, tok, (train_dtype, frozen_dtype)
 
 
 def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = None,
@@ -245,9 +251,8 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     info, device = D.init_distributed(cfg.device)
     if info.enabled:
         raise GptlabError("gptlab ppo runs in one process; run it without torchrun")
-    frozen_dtype = torch.bfloat16 if cfg.frozen_dtype == "bfloat16" else torch.float32
-    actor, critic, ref, rm, tok = _load_models(actor_from, reward_from, critic_from, reference_from, cfg, device,
-                                               frozen_dtype)
+    actor, critic, ref, rm, tok, (train_dtype, frozen_dtype) = _load_models(actor_from, reward_from, critic_from,
+                                                                            reference_from, cfg, device)
     ctx = actor.cfg.block_size
     if cfg.max_new_tokens >= ctx:
         raise GptlabError(f"ppo: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in a context of {ctx}")
@@ -272,15 +277,14 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     tcfg = TrainConfig(recipe="ppo", max_iters=cfg.iterations * spi, batch_size=micro,
                        grad_accum=cfg.minibatch_size // micro, lr=cfg.actor_lr, schedule="constant", warmup_iters=0,
                        warmup_tokens=0, decay_tokens=0, batch_warmup_tokens=0, weight_decay=cfg.weight_decay,
-                       beta1=0.9, beta2=0.95, grad_clip=cfg.grad_clip, dtype=cfg.dtype, device=cfg.device,
+                       beta1=0.9, beta2=0.95, grad_clip=cfg.grad_clip, dtype=dtype_name(train_dtype), device=cfg.device,
                        seed=cfg.seed, eval_interval=cfg.eval_every * spi, log_interval=1,
                        checkpoint_interval=cfg.checkpoint_every * spi, keep_last=cfg.keep_last)
-    amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
+    amp = lambda: autocast(device, train_dtype)  # noqa: E731
     ecfg = ExperienceConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator,
                             missing_end_penalty=cfg.missing_end_penalty, forward_batch_size=cfg.forward_batch_size)
-    maker = ExperienceMaker(actor, critic, ref, tok, ecfg, reward_model=rm, reward_fn=reward_fn, autocast=autocast)
+    maker = ExperienceMaker(actor, critic, ref, tok, ecfg, reward_model=rm, reward_fn=reward_fn, autocast=amp)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else FixedKLController(cfg.kl_coef))
     state = read_json(out / STATE_FILE, "ppo state") if resume and (out / STATE_FILE).exists() else {"kl_coef": {}}
@@ -295,7 +299,7 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
                      data={"n_train_prompts": len(train_c), "n_eval_prompts": len(eval_c), "n_dropped": dropped})
     if not quiet:
         print(f"ppo: actor {actor.num_params() / 1e6:.2f}M + critic {critic.num_params() / 1e6:.2f}M trained "
-              f"({cfg.dtype}); reference{' + reward model' if rm else ''} frozen in {cfg.frozen_dtype}; "
+              f"({dtype_name(train_dtype)}); reference{' + reward model' if rm else ''} frozen in {dtype_name(frozen_dtype)}; "
               f"reward {'model ' + str(reward_from) if rm else 'function ' + str(reward_spec)}")
         print(f"data: {len(train_c)} train / {len(eval_c)} eval prompts"
               + (f" ({dropped} too long, skipped)" if dropped else "")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
 
 
 def _f(default, help: str):
@@ -50,8 +51,8 @@ class PPOConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "global grad-norm clip over actor + critic (0 = off)")
     seed: int = _f(1337, "seed: prompt order, minibatches, sampling, the eval split")
-    dtype: str = _f("bfloat16", "autocast dtype of the trained models")
-    frozen_dtype: str = _f("bfloat16", "weights of the reference and the reward model")
+    dtype: str = _f("auto", "compute dtype of rollouts and training: auto | bfloat16 | float32")
+    frozen_dtype: str = _f("auto", "weights of the reference and the reward model (auto: the compute dtype)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     forward_batch_size: int = _f(16, "rows per scoring forward")
     # evaluation and checkpoints
@@ -81,8 +82,7 @@ class PPOConfig:
         if self.ptx_coef > 0 and not self.ptx_data:
             raise GptlabError("ppo: ptx_coef > 0 needs ptx_data (a prepared data dir)")
         for k in ("dtype", "frozen_dtype"):
-            if getattr(self, k) not in ("bfloat16", "float32"):
-                raise GptlabError(f"ppo: {k} must be bfloat16 or float32, got {getattr(self, k)!r}")
+            setattr(self, k, canonical_dtype(getattr(self, k), TRAIN_DTYPES, f"ppo.{k}"))
         ranges = (("clip", 0 < self.clip < 1, "in (0, 1)"), ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
                   ("lam", 0 <= self.lam <= 1, "in [0, 1]"), ("vf_coef", self.vf_coef >= 0, "≥ 0"),
                   ("ptx_coef", self.ptx_coef >= 0, "≥ 0"),

@@ -39,7 +39,8 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, read_run_config, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import CONFIG_FILE, atomic_write_json
+from gptlab.train.checkpoint import CONFIG_FILE
+from gptlab.fileio import atomic_write_json
 from gptlab.train.engine import Trainer
 from gptlab.train.metrics import read_metrics
 

@@ -32,7 +32,7 @@ from gptlab.align.ppo import PPOConfig, _as_conversations, resolve_reward_fn
 from gptlab.align.ppo import ppo as run_ppo
 from gptlab.chat.template import END, render_ids
 from gptlab.errors import GptlabError
-from gptlab.train.checkpoint import atomic_write, atomic_write_json, read_json
+from gptlab.fileio import atomic_write, atomic_write_json, read_json
 
 REWARD_KEYS = ("epochs", "heldout_fraction", "train", "reference", "dropout")
 RLHF_KEYS = ("init", "judge_samples", "judge_prompts")

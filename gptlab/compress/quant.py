@@ -1,8 +1,9 @@
 """Quantized Linear modules and the quantizers behind them.
 
 - `Int8Linear`: weight-only INT8, per-output-channel symmetric absmax (w ≈ q · s, q ∈ [-127, 127]).
-  Real int8 storage; compute in bf16: `aten._weight_int8pack_mm` for decoding-sized inputs (the int8
-  weights are streamed once and widened inside the kernel), dequantize + bf16 GEMM for long inputs.
+  Real int8 storage; decoding-sized inputs run `aten._weight_int8pack_mm` with bf16 activations (the
+  int8 weights are streamed once and widened inside the kernel; an ATen kernel, fast on AVX2 too), long
+  inputs dequantize + one GEMM in bf16 where the CPU multiplies bf16 natively, else in fp32.
 - `LLMInt8Linear`: LLM.int8() (Dettmers et al. 2022): vector-wise int8 for activations (per row of x)
   and weights (per output row), with the outlier feature columns (|x| ≥ threshold in any row) kept
   out of the int8 path and multiplied in floating point.
@@ -14,11 +15,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import cpu_bf16_native
 
 
 # --- quantizers (pure functions) -------------------------------------------------------------------
@@ -82,6 +86,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 SMALL_M = 32  # rows up to which the int8 weight-streaming kernel beats dequantize + bf16 GEMM (measured)
 
 
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the dequantize + GEMM path: bf16 (half the traffic) where the CPU multiplies bf16
+    natively; fp32 on CPUs without it, where oneDNN's bf16 GEMM is a slow fallback (measured 4× slower
+    than fp32 at 256 rows with AVX2 kernels)."""
+    if x.device.type != "cpu":
+        return x.dtype
+    return torch.bfloat16 if cpu_bf16_native()[0] else torch.float32
+
+
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm_for_cpu",
                                                                "_convert_weight_to_int4pack_for_cpu"))
@@ -124,7 +137,7 @@ class Int8Linear(nn.Module):
             sb = self._scale_bf16 if self._scale_src is s and self._scale_ver == s._version else self._refresh_scale()
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, sb)
         else:
-            cdt = torch.bfloat16 if x.device.type == "cpu" else x.dtype
+            cdt = _gemm_dtype(x)
             y = F.linear(x2.to(cdt), self.dequantize(cdt))
         # one op: adding the (fp32 or bf16) bias also casts the bf16 result back up to the model's dtype
         y = y.to(x.dtype) if self.bias is None else torch.add(self.bias, y).to(x.dtype)
@@ -141,12 +154,31 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (N, K)ᵀ -> int32 (M, N): torch._int_mm where it runs, exact int64 otherwise."""
+@functools.lru_cache(maxsize=1)
+def _int_mm_exact() -> bool:
+    """Whether torch._int_mm gives exact int32 sums here. Without VNNI (AVX2-only CPUs) oneDNN multiplies
+    u8·s8 pairs into saturating int16 sums: errors of 10^4-10^5 measured with AVX2 kernels. Checked once."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (64, 32), dtype=torch.int8, generator=g)
     try:
-        return torch._int_mm(a, b.t())
+        return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
     except (RuntimeError, AttributeError):
-        return (a.long() @ b.long().t()).to(torch.int32)
+        return False
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (N, K)ᵀ -> int32 (M, N), exact: torch._int_mm where it is exact and runs (its
+    shape limits), else fp32 GEMMs over ≤ 1024 columns (products of |q| ≤ 127 sum exactly below 2^24)."""
+    if _int_mm_exact():
+        try:
+            return torch._int_mm(a, b.t())
+        except RuntimeError:
+            pass
+    out = torch.zeros(a.size(0), b.size(0), dtype=torch.int32, device=a.device)
+    for s in range(0, a.size(1), 1024):
+        out += (a[:, s:s + 1024].float() @ b[:, s:s + 1024].float().t()).to(torch.int32)
+    return out
 
 
 class LLMInt8Linear(Int8Linear):
@@ -242,8 +274,8 @@ class IntNLinear(nn.Module):
             # as its fp32 path is many times slower (measured)
             wp, sz = self._int4_operands(kg, torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), wp, kg, sz)
-        else:  # dequantized per call (bf16 on CPU, half the traffic of fp32): smaller, not faster
-            cdt = torch.bfloat16 if x.device.type == "cpu" else x.dtype
+        else:  # dequantized per call: smaller, not faster
+            cdt = _gemm_dtype(x)
             y = F.linear(x2.to(cdt), self.dequantize(cdt))
         y = (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)

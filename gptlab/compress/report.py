@@ -115,7 +115,7 @@ def report(run_dirs, *, data, out=None, eval_tokens: int = 65536, decode_tokens:
     if not quiet:
         print(text)
     if out:
-        from gptlab.train.checkpoint import atomic_write, atomic_write_json
+        from gptlab.fileio import atomic_write, atomic_write_json
 
         out = Path(out)
         atomic_write_json(out.with_suffix(".json"), rows)

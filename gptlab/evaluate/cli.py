@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptlab.config import add_dtype_arg
 from gptlab.errors import GptlabError
 
 
@@ -40,7 +41,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' = stdout)")
     e.add_argument("--log-samples", action="store_true", help="include every example's prompt and scores in the JSON")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    add_dtype_arg(e)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = e.add_argument_group("decoding for generate tasks (defaults: the task's own, else greedy, 32 tokens, stop at newline)")
     g.add_argument("--max-new-tokens", type=int)
@@ -71,10 +72,9 @@ def sampling_overrides(a) -> dict:
 
 
 def run_evaluate(a) -> dict:
-    import torch
-
     from gptlab import __version__
     from gptlab.evaluate.report import format_table, write_json
+    from gptlab.runtime import dtype_name, linear_shape, resolve_dtype
 
     if not (a.perplexity or a.task or a.lm_eval):
         raise GptlabError("nothing to evaluate: give --perplexity FILE, --task NAME and/or --lm-eval TASKS")
@@ -92,11 +92,13 @@ def run_evaluate(a) -> dict:
             raise GptlabError(f"perplexity: file not found: {f}")
     from gptlab.run import load_run
 
-    run = load_run(a.run_dir, device=a.device, dtype=torch.bfloat16 if a.dtype == "bfloat16" else None)
+    run = load_run(a.run_dir, device=a.device)
     model, tok = run.model, run.tokenizer
+    model.to(resolve_dtype(a.dtype, a.device, linear_shape(model, a.batch_size * model.cfg.block_size)))
     report: dict = {
         "run_dir": str(a.run_dir), "gptlab": __version__,
-        "model": {"parameters": model.num_params(), "block_size": model.cfg.block_size, "dtype": a.dtype},
+        "model": {"parameters": model.num_params(), "block_size": model.cfg.block_size,
+                  "dtype": dtype_name(model.wte.weight.dtype)},
         "config": {"shots": a.shots or 0, "seed": a.seed, "limit": a.limit, "batch_size": a.batch_size,
                    "sampling": sampling_overrides(a)},
     }

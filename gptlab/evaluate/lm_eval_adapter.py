@@ -32,27 +32,26 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from gptlab.evaluate.scoring import loglikelihood_rolling, score_pairs
+from gptlab.runtime import INFER_DTYPES, canonical_dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "auto": None, None: None}
 
 
 class GptlabLM(TemplateLM):
     """model_args: run_dir (required unless model/tokenizer objects are passed), device (cpu), dtype
-    (float32|bfloat16), batch_size (16), max_gen_toks (256), rolling_stride (context window), share_prefix."""
+    (auto|float32|bfloat16|float16; unset: the weights'), batch_size (16), max_gen_toks (256), rolling_stride (context window), share_prefix."""
 
     def __init__(self, run_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
                  batch_size: int | str = 16, max_batch_size: int | None = None, max_gen_toks: int = 256,
                  rolling_stride: int | None = None, share_prefix: bool = True, model=None, tokenizer=None, **kwargs):
         super().__init__()
-        if dtype not in _DTYPES:
-            raise GptlabError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+        if dtype is not None:
+            dtype = canonical_dtype(dtype, INFER_DTYPES)
         if model is None:
             if run_dir is None:
                 raise GptlabError("the gptlab lm-eval model needs model_args=run_dir=PATH")
             from gptlab.run import load_run
 
-            run = load_run(run_dir, device=device, dtype=_DTYPES[dtype])
+            run = load_run(run_dir, device=device, dtype=dtype, rows=2048)
             model, tokenizer = run.model, run.tokenizer
         elif tokenizer is None:
             raise GptlabError("pass a tokenizer with the model")

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from gptlab.train.checkpoint import atomic_write_json
+from gptlab.fileio import atomic_write_json
 
 _PPL_METRICS = ("loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from gptlab.config import add_dtype_arg
+
 
 def _fields(a):
     from gptlab.finetune.data import Fields
@@ -114,10 +116,9 @@ def _cmd_classify(a) -> None:
             raise GptlabError(f"{task} takes pairs: pass one --text2 for each --text ({len(a.text)} --text, "
                               f"{len(a.text2)} --text2)")
         examples = [Example(t, t2) for t, t2 in zip(a.text, a.text2)]
-    if a.dtype == "bfloat16":
-        import torch
+    from gptlab.runtime import linear_shape, resolve_dtype
 
-        run.model.to(torch.bfloat16)
+    run.model.to(resolve_dtype(a.dtype, a.device, linear_shape(run.model, a.batch_size * run.model.cfg.block_size)))
     preds = predict(run, examples, batch_size=a.batch_size)
     for p in preds:
         if a.json:
@@ -142,6 +143,6 @@ def add_classify_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line: label, prob, probs (, choice)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    add_dtype_arg(p)
     p.set_defaults(func=_cmd_classify)
     return p

@@ -18,6 +18,7 @@ from gptlab.generate.packed import pack_linears
 from gptlab.generate.params import SamplingParams
 from gptlab.generate.text import TextStream
 from gptlab.model import GPT
+from gptlab.runtime import linear_shape, resolve_dtype
 from gptlab.tokenizer import Tokenizer
 
 
@@ -30,9 +31,12 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype | None = None):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype | str | None = None):
+        """dtype: None keeps the weights' dtype; a torch dtype or name ('auto': bf16 where this device decodes
+        faster in it, gptlab.runtime) converts the weights, which decoding reads once per token."""
         if dtype is not None:
-            model = model.to(dtype)  # weights in the compute dtype: decoding reads them once per token
+            device = next(model.parameters()).device
+            model = model.to(resolve_dtype(dtype, device, linear_shape(model, 1)))
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -10,6 +10,10 @@ Each nn.Linear keeps its parameter (training, saving and export see the same mod
 copy used only under no-grad CPU inference; the copy is rebuilt when the weight changes in place (an
 optimizer step bumps the tensor's version), so a policy that trains between rollouts stays correct.
 Memory: one extra copy of the Linear weights.
+
+oneDNN packs bf16 only where the CPU has a bf16 kernel (avx512bw/vl/dq, avx_ne_convert or better): on an
+AVX2-only CPU it raises. Such weights keep F.linear (slow in bf16 there, which `gptlab.runtime` says when
+bf16 was asked for; `auto` never picks it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab.runtime import onednn_bf16
+
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -27,8 +33,13 @@ def available() -> bool:
 
 def _pack(mod: nn.Linear) -> None:
     w = mod.weight.detach()
-    mod._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
     mod._packed_key = (w._version, w.dtype, w.data_ptr())
+    mod._packed = None
+    if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and onednn_bf16()):
+        try:
+            mod._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        except RuntimeError:  # no oneDNN kernel for this dtype on this CPU (e.g. a forced capability)
+            mod._packed = None
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +48,8 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)  # training, another device or dtype, or autocast's own casting
     if self._packed_key != (w._version, w.dtype, w.data_ptr()):
         _pack(self)
+    if self._packed is None:
+        return F.linear(x, w, self.bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self._packed, self.bias, "none", [], "")
     return y.view(*x.shape[:-1], y.size(-1))
 

@@ -24,7 +24,8 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, write_run_config
 from gptlab.tokenizer import EOT, BPETokenizer, Tokenizer, build_tokenizer
 from gptlab.tokenizer.bpe import GPT2_PATTERN
-from gptlab.train.checkpoint import MODEL_FILE, load_state_into, model_state, read_json, read_safetensors, save_model
+from gptlab.train.checkpoint import MODEL_FILE, load_state_into, model_state, read_safetensors, save_model
+from gptlab.fileio import read_json
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 _BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")  # causal masks etc., not weights

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from gptlab.train.checkpoint import atomic_write
+from gptlab.fileio import atomic_write
 
 
 def _f(v, nd: int = 4) -> str:

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from gptlab.train.checkpoint import atomic_write_json, read_json
+from gptlab.fileio import atomic_write_json, read_json
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.chat.template import CHAT_TOKENS, render_ids
 from gptlab.errors import GptlabError
+from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
@@ -33,8 +34,6 @@ from gptlab.serve.responses import Formatter
 
 log = logging.getLogger("gptlab.serve")
 DEFAULT_MAX_BODY = 2 << 20  # 2 MiB: far more than any context window's worth of text
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def api_keys_from_env(keys=()) -> tuple[str, ...]:
@@ -51,9 +50,8 @@ class Server:
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
         self.max_batch, self.max_queue, self.max_body = max_batch, max_queue, max_body_bytes
-        if isinstance(dtype, str) and dtype not in DTYPES:
-            raise GptlabError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        # None: the weights' dtype; a name ('auto', 'bf16', ...) is resolved when the model loads
+        self.dtype = canonical_dtype(dtype, INFER_DTYPES) if isinstance(dtype, str) else dtype
         self.device, self.moderation = device, moderation
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
         self.metrics = Metrics()

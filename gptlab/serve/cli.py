@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from gptlab.config import add_dtype_arg
+
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **opts) -> None:
     """Run the server in this process until interrupted; `opts` are create_app's keyword options."""
@@ -49,8 +51,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together [default: 32]")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait for a batch slot; beyond it: 503 + Retry-After [default: 64]")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="compute dtype [default: the weights']")
+    add_dtype_arg(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--moderation", action="append", metavar="PATH",
                    help="blocklist file (one term a line) or classifier run dir from `gptlab finetune` (repeatable)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,29 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write, atomic_write_json, read_json  # noqa: F401  (re-exported)
 
 RUN_FORMAT, RUN_VERSION = "gptlab-run", 1
 MODEL_FILE, CONFIG_FILE, LATEST_FILE = "model.safetensors", "config.json", "latest.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync + os.replace: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,15 +41,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GptlabError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptlabError(f"{what} {path} is corrupt: {e}") from None
 
 
 def read_safetensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:

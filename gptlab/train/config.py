@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
 
 
 def _f(default, help: str):
@@ -41,7 +42,7 @@ class TrainConfig:
     eps: float = _f(1e-8, "Adam epsilon")
     grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)")
     # numerics and speed
-    dtype: str = _f("bfloat16", "autocast dtype: bfloat16 | float32")
+    dtype: str = _f("auto", "compute dtype: auto (bf16 where this GPU/CPU runs it natively and faster) | bfloat16 | float32")
     compile: bool = _f(False, "torch.compile the model")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     seed: int = _f(1337, "seed for init, data order and dropout")
@@ -59,8 +60,7 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also log to TensorBoard (needs `pip install gptlab[tensorboard]`)")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("bfloat16", "float32"):
-            raise GptlabError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        self.dtype = canonical_dtype(self.dtype, TRAIN_DTYPES, "train.dtype")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise GptlabError(f"schedule must be cosine|linear|constant, got {self.schedule!r}")
         if self.distributed not in ("ddp", "fsdp"):

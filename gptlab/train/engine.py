@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.runtime import tune_cpu_allocator
+from gptlab.runtime import TRAIN_DTYPES, autocast, linear_shape, peak_flops, resolve_dtype, tune_cpu_allocator
 from gptlab.train import distributed as D
 from gptlab.train.checkpoint import CheckpointManager, load_state_into
 from gptlab.train.config import TrainConfig
-from gptlab.train.metrics import MetricsLogger, measure_peak_flops, plot_loss
+from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
 
 BatchFn = Callable[[int, slice, int], tuple]  # (step, samples of the global batch, global batch size) -> tensors
@@ -33,6 +33,14 @@ LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor | None]  # None: skip t
 def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     x, y = batch
     return model(x, y)[1]
+
+
+def compute_dtype(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, tokens_per_sample: int,
+                  log: bool = True) -> torch.dtype:
+    """The dtype a Trainer with these arguments computes in; for stages that run the model before training
+    (DPO's reference log-probs). `auto` is measured at the model's matmul shape for one micro-batch."""
+    return resolve_dtype(cfg.dtype, device, linear_shape(model, cfg.batch_size * tokens_per_sample),
+                         allowed=TRAIN_DTYPES, log=log)
 
 
 class Trainer:
@@ -59,8 +67,9 @@ class Trainer:
         self.tokens_per_sample = tokens_per_sample
         self.ckpt = CheckpointManager(self.run_dir, cfg.keep_last)
         self.step, self.tokens = 0, 0
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
-                         else contextlib.nullcontext())
+        # the compute dtype: `auto` measured at this model's shape, printed with its reason (gptlab.runtime)
+        self.dtype = compute_dtype(cfg, model, self.device, tokens_per_sample, log=self.info.is_main)
+        self.autocast = autocast(self.device, self.dtype)
 
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -160,8 +169,7 @@ class Trainer:
         B, world = cfg.batch_size, info.world
         tokens_per_micro = B * self.tokens_per_sample * world
         flops_per_token = self.raw.flops_per_token(self.tokens_per_sample) if hasattr(self.raw, "flops_per_token") else 0
-        peak = cfg.peak_flops or measure_peak_flops(
-            self.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+        peak = cfg.peak_flops or peak_flops(self.device, self.dtype)  # of the dtype in use, measured here
         params = [p for p in self.model.parameters() if p.requires_grad]
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         done = lambda: self.step >= cfg.max_iters or (cfg.max_tokens and self.tokens >= cfg.max_tokens)  # noqa: E731

@@ -1,13 +1,10 @@
-"""Logging for machines (metrics.jsonl, TensorBoard) and people (loss-curve PNG), and MFU's peak."""
+"""Logging for machines (metrics.jsonl, TensorBoard) and people (loss-curve PNG)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-
-import torch
 
 from gptlab.errors import GptlabError
 
@@ -91,41 +88,3 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> Path | None
     fig.savefig(out_png)
     plt.close(fig)
     return Path(out_png)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
-    """This machine's matmul throughput (FLOP/s) for `dtype`: the denominator of MFU. Cached per
-    device, dtype and thread count, since a benchmark of ~1 s should not run on every start."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
-    key = f"{name}|{dtype}|{n}"
-    cache = _cache_dir() / "peak_flops.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
-        known = {}
-    if key in known:
-        return float(known[key])
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not randn: the training RNG stays untouched
-    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    sync()
-    flops = 2 * n**3 * iters / (time.perf_counter() - t0)
-    known[key] = flops
-    try:
-        from gptlab.train.checkpoint import atomic_write_json
-
-        atomic_write_json(cache, known)
-    except OSError:
-        pass
-    return flops

@@ -1,4 +1,4 @@
-"""Process-level performance settings for CPU runs."""
+"""glibc allocator settings for CPU runs."""
 
 from __future__ import annotations
 
