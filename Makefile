@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # `pip install torch==2.13.0` takes the CPU wheel already on our machines; other spellings pull CUDA builds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install dev bench clean
+.PHONY: demo test test-avx2 install dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+
+# The dtype / packing / generation / compression / training tests again, as on an AVX2-only CPU without
+# native bf16, whatever this CPU is: oneDNN, ATen and MKL limited to AVX2 kernels, GPTLAB_CPU_BF16=0, and
+# a separate inductor cache (its compiled kernels do not record the ISA limit).
+AVX2_TESTS := tests/test_runtime.py tests/test_generate.py tests/test_compress_layers.py tests/test_compress_runs.py \
+              tests/test_train.py tests/test_serve_engine.py
+test-avx2: $(VENV)/.dev
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 GPTLAB_CPU_BF16=0 \
+	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(BIN)/python -m pytest -q $(AVX2_TESTS)
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/train_shakespeare_char.py

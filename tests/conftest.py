@@ -17,3 +17,16 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_gptlab_cache(tmp_path_factory):
+    """Measured matmul speeds (dtype auto, MFU's peak) go to a cache of this test session, subprocesses
+    included, never to the user's ~/.cache/gptlab."""
+    old = os.environ.get("GPTLAB_CACHE")
+    os.environ["GPTLAB_CACHE"] = str(tmp_path_factory.mktemp("gptlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GPTLAB_CACHE", None)
+    else:
+        os.environ["GPTLAB_CACHE"] = old

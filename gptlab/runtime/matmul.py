@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gptlab.fileio import atomic_write_json
 from gptlab.runtime.capability import machine_key
 
-CACHE_FILE = "matmul_flops.json"
+CACHE_FILE = "matmul_flops.v2.json"  # the version of how it is measured
 
 
 def cache_dir() -> Path:
@@ -37,25 +38,38 @@ def _store(key: str, value: float) -> None:
         pass
 
 
+STREAM_ROWS = 16  # up to this many rows a matmul is bound by reading the weights: measure it streaming
+STREAM_BYTES = 256 << 20  # fp32 weight bytes cycled through, more than a CPU's caches hold
+
+
 def _time_matmul(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, budget_s: float) -> float:
-    """Seconds of the fastest of repeated (m, k) @ (k, n) calls within about budget_s. The fastest call is
-    the machine's capability; slower ones measure whatever else was running."""
-    a = torch.full((m, k), 0.5, device=device, dtype=dtype)  # not randn: the training RNG stays untouched
-    b = torch.full((k, n), 0.25, device=device, dtype=dtype)
+    """Seconds of the fastest of repeated x (m, k) · W (n, k)ᵀ calls within about budget_s (the fastest
+    is the machine's capability; slower ones measure whatever else was running). Decoding-sized inputs
+    (m ≤ STREAM_ROWS) cycle through enough weight copies to stream them from memory, as a decode step
+    streams a whole model; otherwise one weight is reused, as in a training step's GEMMs."""
+    copies = max(1, STREAM_BYTES // (4 * k * n)) if m <= STREAM_ROWS and device.type == "cpu" else 1
+    x = torch.full((m, k), 0.5, device=device, dtype=dtype)  # not randn: the training RNG stays untouched
+    ws = [torch.full((n, k), 0.25, device=device, dtype=dtype) for _ in range(copies)]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    reps = 4 if device.type == "cuda" else 1
+
+    def run() -> None:
+        for w in ws:
+            for _ in range(reps):
+                F.linear(x, w)
+
     t = time.perf_counter()
-    a @ b  # warm-up: kernel selection, JIT, page faults
+    run()  # warm-up: kernel selection, JIT, page faults
     sync()
     first = time.perf_counter() - t
-    if first > budget_s:  # a very slow path (bf16 without a kernel): one call says enough
-        return first
+    if first > budget_s:  # a very slow path (bf16 without a kernel): one pass says enough
+        return first / (reps * copies)
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < budget_s:
         t = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
-            a @ b
+        run()
         sync()
-        best = min(best, (time.perf_counter() - t) / (4 if device.type == "cuda" else 1))
+        best = min(best, (time.perf_counter() - t) / (reps * copies))
     return best
 
 

@@ -74,7 +74,7 @@ class Server:
             self.tok, self.ctx = run.tokenizer, run.model.cfg.block_size
             self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
             self.chat_stop_ids = tuple(self.tok.special_tokens[t] for t in CHAT_TOKENS) if self.chat_ok else ()
-            gen = Generator(run.model, run.tokenizer, self.dtype)
+            gen = Generator(run.model, run.tokenizer, self.dtype, rows=min(self.max_batch, 8))
             self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator)
             self.engine.start()
             self.status = "ready"
