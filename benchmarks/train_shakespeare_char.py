@@ -1,11 +1,12 @@
 """The classic CPU recipe: character-level tiny-shakespeare, 4 layers × 4 heads × 128, block 64, batch 12,
 2000 iterations, lr 1e-3 cosine to 1e-4 with 100 warmup steps, no dropout, AdamW β2 0.99.
 
-Runs `gptlab pretrain` with the chosen --dtype/--compile, then (unless --no-baseline) the same recipe in
-fp32 eager as the baseline, in this one invocation, and prints both wall times, the ratio and the final
-val loss on the whole val split (the last 10% of characters).
+Runs `gptlab pretrain` with the chosen --dtype/--compile (default: dtype auto, what every command uses),
+then (unless --no-baseline) the same recipe in fp32 eager as the baseline, in this one invocation, and
+prints both wall times, the ratio and the final val loss on the whole val split (the last 10% of
+characters).
 
-    python benchmarks/train_shakespeare_char.py                 # bf16 vs fp32 eager
+    python benchmarks/train_shakespeare_char.py                 # auto vs fp32 eager
     python benchmarks/train_shakespeare_char.py --dtype float32 --compile false --no-baseline
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,12 +38,13 @@ def run(data: Path, out: Path, dtype: str, compile_: str, iters: int) -> dict:
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in recs if "val_loss" in r][-1]
     tps = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
-    return {"dtype": dtype, "compile": compile_, "wall_s": wall, "val_loss": val, "tok_per_s": sorted(tps)[len(tps) // 2]}
+    chosen = next((ln.split("→ ")[1].split(" ")[0] for ln in proc.stderr.splitlines() if ln.startswith("dtype auto")), dtype)
+    return {"dtype": dtype if dtype != "auto" else f"auto={chosen}", "compile": compile_, "wall_s": wall, "val_loss": val, "tok_per_s": sorted(tps)[len(tps) // 2]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--compile", default="false", choices=["true", "false"])
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--no-baseline", action="store_true", help="skip the fp32 eager baseline run")
@@ -59,7 +60,9 @@ def main() -> None:
     results = [run(data, work / "fast", a.dtype, a.compile, a.iters)]
     if not a.no_baseline:
         results.append(run(data, work / "baseline", "float32", "false", a.iters))
-    print(f"\ntiny-shakespeare char, {a.iters} iterations, {os.cpu_count()} CPU threads (wall time includes start-up and evals)")
+    from gptlab.runtime import describe_cpu
+
+    print(f"\ntiny-shakespeare char, {a.iters} iterations; {describe_cpu()} (wall time includes start-up and evals)")
     print(f"{'config':28s} {'wall s':>8s} {'tok/s':>9s} {'val loss':>9s}")
     for r in results:
         print(f"{r['dtype'] + ', compile ' + r['compile']:28s} {r['wall_s']:8.1f} {r['tok_per_s']:9,.0f} {r['val_loss']:9.4f}")

@@ -218,7 +218,8 @@ def test_sst2_real_file_header_split_short_finetune_and_classify(shared_data, tm
     assert all(abs(sum(p.probs.values()) - 1) < 1e-5 and p.prob == max(p.probs.values()) for p in preds)
     # gptlab classify (parser as wired into gptlab/cli.py)
     capsys.readouterr()
-    _cli(["classify", str(out), "--text", "a gorgeous , witty film", "--text", "dull and lifeless", "--json"])
+    _cli(["classify", str(out), "--text", "a gorgeous , witty film", "--text", "dull and lifeless", "--json",
+          "--dtype", "float32"])  # the library computed in fp32
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [ln["label"] for ln in lines] == [p.label for p in preds]
     assert [ln["prob"] for ln in lines] == pytest.approx([p.prob for p in preds], abs=1e-6)
