@@ -30,7 +30,7 @@ ROOT = Path("runs/bench-compress")
 
 def ensure_shakespeare() -> tuple[Path, Path]:
     from gptlab.data.prepare import prepare
-    from gptlab.train.pretrain import pretrain
+    from gptlab.pretrain import pretrain
 
     data, run = ROOT / "data", ROOT / "shakespeare-6x384"
     if not (data / "meta.json").is_file():
@@ -48,7 +48,7 @@ def ensure_gpt2() -> tuple[Path, Path]:
     from gptlab.model import GPT, preset
     from gptlab.run import write_run_config
     from gptlab.tokenizer.bpe import gpt2_tokenizer
-    from gptlab.train.checkpoint import MODEL_FILE, save_model
+    from gptlab.run.format import MODEL_FILE, save_model
 
     data, run = ROOT / "data-gpt2", ROOT / "gpt2-124m-random"
     if not (data / "meta.json").is_file():

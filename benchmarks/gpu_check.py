@@ -55,7 +55,7 @@ def _throughput(run_dir: Path, skip: int) -> tuple[float, float]:
 
 
 def train(a, data: Path, work: Path) -> dict:
-    from gptlab.train.pretrain import pretrain
+    from gptlab.pretrain import pretrain
 
     preset, block = ("tiny", 64) if a.smoke else ("gpt3-small", 2048)
     train_cfg = dict(max_iters=a.steps, batch_size=a.batch, block_size=block, dtype="auto", compile=not a.smoke,

@@ -32,7 +32,7 @@ from gptlab.align.dpo import dpo  # noqa: E402
 from gptlab.align.ppo import ppo  # noqa: E402
 from gptlab.align.reward import RewardModel, train_reward  # noqa: E402
 from gptlab.align.sft import sft  # noqa: E402
-from gptlab.align.stage import split_heldout  # noqa: E402
+from gptlab.stage import split_heldout  # noqa: E402
 from gptlab.chat.template import CHAT_TOKENS, render_ids  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -56,7 +56,7 @@ def pretrain_run(minutes: float) -> Path:
     from gptlab.data.prepare import prepare
     from gptlab.train.metrics import read_metrics
     from gptlab.tokenizer import build_tokenizer
-    from gptlab.train.pretrain import pretrain
+    from gptlab.pretrain import pretrain
 
     run = OUT / "pretrain"
     if (run / "model.safetensors").is_file() and (OUT / "throughput.json").is_file():

@@ -29,7 +29,7 @@ from gptlab.model import GPT, preset
 from gptlab.run import write_run_config
 from gptlab.serve.metrics import parse_metrics
 from gptlab.tokenizer import gpt2_tokenizer
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 WORDS = "the of and to in is was for on that with as by at from his an were are which this be or".split()
 

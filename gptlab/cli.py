@@ -48,25 +48,18 @@ def _cmd_prepare(a) -> None:
 
 
 def _cmd_pretrain(a) -> None:
-    from gptlab.config import collect_overrides, load_yaml
+    from gptlab.config import read_config, section_layer
     from gptlab.model import GPTConfig
     from gptlab.train.config import TrainConfig
-    from gptlab.train.pretrain import pretrain
+    from gptlab.pretrain import pretrain
 
-    y = load_yaml(a.config)
-    unknown = set(y) - {"data", "out", "preset", "recipe", "model", "train"}
-    for section in ("model", "train"):
-        if not isinstance(y.get(section) or {}, dict):
-            raise GptlabError(f"{a.config}: '{section}' must be a mapping of keys to values")
-    if unknown:
-        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (expected data, out, preset, recipe, model, train)")
+    y = read_config(a.config, ("model", "train"), top=("data", "out", "preset", "recipe"))
     data, out = a.data or y.get("data"), a.out or y.get("out")
     if not data or not out:
         raise GptlabError("pretrain needs --data (a prepared data dir) and --out (the run dir)")
-    model_over = {**(y.get("model") or {}), **collect_overrides(a, GPTConfig, "model")}
     pretrain(data, out, preset_name=a.preset or y.get("preset", "small-4x128"), recipe=a.recipe or y.get("recipe", "nanogpt"),
-             model_overrides=model_over, train_layers=(y.get("train") or {}, collect_overrides(a, TrainConfig, "train")),
-             resume=a.resume)
+             model_overrides=section_layer(a, y, GPTConfig, "model"),
+             train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume)
 
 
 def _cmd_sample(a) -> None:

@@ -1,9 +1,17 @@
-"""Config = dataclasses + a YAML file + `--section.key value` overrides, with --help from field metadata."""
+"""The one configuration path: typed dataclasses per section, one coercion function, one YAML layout and
+`--section.key value` flags for every section, with --help from field metadata.
+
+A command's settings resolve as: the dataclass defaults ← a recipe (training stages) ← the saved run (on
+--resume) ← the YAML file's section ← the flags. A YAML file is one mapping for every command:
+`{model: {...}, train: {...}, <stage>: {...}}` plus the command's top-level keys (e.g. data, out).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -11,6 +19,12 @@ import yaml
 from gptlab.errors import GptlabError
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_NONE = {"none", "null", "off"}
+
+
+def field(default, help: str):
+    """A config field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def parse_value(default, text: str):
@@ -32,8 +46,51 @@ def parse_value(default, text: str):
         raise GptlabError(f"bad value {text!r}: {e}") from None
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str) -> None:
-    group = parser.add_argument_group(f"{prefix} options (--{prefix}.KEY VALUE)")
+def _optional_type(hint) -> type | None:
+    """`float | None` -> float; anything else -> None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
+def coerce(cls, values: dict, section: str) -> dict:
+    """Check keys against a dataclass and coerce values (strings from flags, YAML's `6e-4` read as a string)
+    to the fields' types. Optional fields (`float | None`) take 'none'/'null'/'off' for None; `Any` fields
+    keep YAML values and read digit strings as ints."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise GptlabError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        default, hint = fields[k].default, hints.get(k)
+        try:
+            opt = _optional_type(hint)
+            if opt is not None:
+                if v is None or (isinstance(v, str) and v.strip().lower() in _NONE):
+                    v = None
+                else:
+                    v = opt(v) if not isinstance(v, str) or opt is str else parse_value(opt(), v)
+            elif hint is typing.Any:
+                v = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+            elif isinstance(default, tuple) and isinstance(v, list):
+                v = tuple(v)
+            elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            elif not isinstance(v, type(default)) or (type(default) is int and isinstance(v, bool)):
+                v = parse_value(default, str(v))
+        except (GptlabError, TypeError, ValueError) as e:
+            raise GptlabError(f"{section}.{k}: {e}") from None
+        out[k] = v
+    return out
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, title: str | None = None) -> None:
+    """--PREFIX.KEY VALUE for every field of `cls` (unset flags stay out of the namespace)."""
+    group = parser.add_argument_group(title or f"{prefix} options (--{prefix}.KEY VALUE)")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(default) if isinstance(default, tuple) else default
@@ -42,15 +99,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str) -> Non
 
 
 def collect_overrides(args: argparse.Namespace, cls, prefix: str) -> dict:
-    out = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}"
-        if key in vars(args):
-            try:
-                out[f.name] = parse_value(f.default, vars(args)[key])
-            except GptlabError as e:
-                raise GptlabError(f"--{key}: {e}") from None
-    return out
+    """The --PREFIX.KEY flags given on the command line, coerced."""
+    given = {f.name: vars(args)[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls) if f"{prefix}.{f.name}" in vars(args)}
+    try:
+        return coerce(cls, given, prefix)
+    except GptlabError as e:
+        raise GptlabError(f"--{e}") from None
 
 
 def load_yaml(path: str | Path | None) -> dict:
@@ -61,11 +115,34 @@ def load_yaml(path: str | Path | None) -> dict:
         raise GptlabError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise GptlabError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise GptlabError(f"config file {p} must be a mapping of keys to values")
     return data
+
+
+def read_config(path: str | Path | None, sections: tuple[str, ...], top: tuple[str, ...] = ()) -> dict:
+    """The one YAML layout: `sections` are mappings ({model:, train:, <stage>:}), `top` the command's own
+    top-level keys. Anything else is refused with the layout it expected."""
+    return check_layout(load_yaml(path), path, sections, top)
+
+
+def check_layout(y: dict, path, sections: tuple[str, ...], top: tuple[str, ...] = ()) -> dict:
+    unknown = set(y) - set(sections) - set(top)
+    if unknown:
+        layout = ", ".join([*top, *(f"{s}: {{...}}" for s in sections)])
+        raise GptlabError(f"{path}: unknown top-level keys {sorted(unknown)} (expected {layout})")
+    for s in sections:
+        if not isinstance(y.get(s) or {}, dict):
+            raise GptlabError(f"{path}: '{s}' must be a mapping of keys to values")
+        y[s] = y.get(s) or {}
+    return y
+
+
+def section_layer(args: argparse.Namespace, y: dict, cls, section: str) -> dict:
+    """One section's settings from the YAML file, then its --section.KEY flags (the later wins)."""
+    return {**coerce(cls, y.get(section) or {}, section), **collect_overrides(args, cls, section)}
 
 
 def add_dtype_arg(p, default: str = "auto") -> None:

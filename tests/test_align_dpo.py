@@ -16,7 +16,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, preset
 from gptlab.run import load_run, write_run_config
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz\n"
 FAST = dict(dtype="float32", peak_flops=1e12, log_interval=1, eval_interval=0, eval_iters=4)

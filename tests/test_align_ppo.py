@@ -22,7 +22,8 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, preset
 from gptlab.run import load_run, write_run_config
 from gptlab.tokenizer.char import CharTokenizer
-from gptlab.train.checkpoint import read_json, save_model
+from gptlab.run.format import save_model
+from gptlab.fileio import read_json
 from gptlab.train.metrics import read_metrics
 
 SPECIAL = re.compile(r"<\|[a-z]+\|>")

@@ -16,7 +16,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, preset
 from gptlab.run import write_run_config
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz\n"
 END = 32  # <|end|>: after <|endoftext|> (28), <|system|>, <|user|>, <|assistant|>
@@ -140,7 +140,7 @@ def test_tiny_rm_learns_a_separable_preference_offset_and_round_trip(tmp_path):
     # responses) averages 0 after normalisation
     rm = RewardModel.load(out)
     prefs = load_preferences(_synthetic(120, 0))
-    from gptlab.align.stage import split_heldout
+    from gptlab.stage import split_heldout
 
     _, held = split_heldout(len(prefs), 0.2, 1337)
     ref = [prefs[i] for i in held]

@@ -13,7 +13,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, preset
 from gptlab.run import load_run, write_run_config
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz\n"  # ' ' = 0, a = 1 ... z = 26, '\n' = 27, <|endoftext|> = 28
 NL = 27

@@ -17,7 +17,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import Generator, SamplingParams
 from gptlab.model import GPT, preset
 from gptlab.run import load_run, write_run_config
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 WORDS = "the king and queen of a castle ride to war while merry fools sing songs of love and gold".split()
 

@@ -20,7 +20,7 @@ from gptlab.evaluate.cli import add_evaluate_parser
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import write_run_config
 from gptlab.tokenizer import CharTokenizer, train_bpe
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 WORDS = "the a cat dog sat ran on under mat log red blue big small quickly slowly house tree river".split()
 

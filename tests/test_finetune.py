@@ -14,12 +14,12 @@ from gptlab.finetune.cli import add_classify_parser, add_finetune_parser
 from gptlab.finetune.data import Example, Fields, load_examples, read_rows, split_dev
 from gptlab.finetune.predict import predict
 from gptlab.finetune.tasks import TASK_TOKENS, TaskIds, add_task_tokens, encode_examples, fit_lengths, transform
-from gptlab.finetune.train import (FINETUNE_RECIPE, EpochOrder, FinetuneLoss, collate, finetune,
-                                   resolve_finetune_config, schedule_for, task_scores)
+from gptlab.finetune.train import FINETUNE_RECIPE, RECIPE, WARMUP_FRACTION, FinetuneLoss, collate, finetune, task_scores
+from gptlab.stage import EpochOrder, resolve_train, schedule
 from gptlab.model import GPT, preset
 from gptlab.run import load_run, read_run_config, write_run_config
 from gptlab.tokenizer import CharTokenizer
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 from gptlab.train.optim import lr_at
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"  # ' ' = 0, a = 1, ..., z = 26, <|endoftext|> = 27
@@ -169,16 +169,16 @@ def test_l3_is_task_loss_plus_lambda_lm_loss(lm_coef):
 
 # --- schedule and batches --------------------------------------------------------------------------
 def test_gpt1_finetune_recipe_and_schedule():
-    cfg, given = resolve_finetune_config({})
+    cfg, given = resolve_train(RECIPE, FINETUNE_RECIPE, {})
     assert (cfg.recipe, cfg.lr, cfg.batch_size, cfg.schedule, cfg.min_lr_ratio, cfg.weight_decay) == \
         ("gpt1-finetune", 6.25e-5, 32, "linear", 0.0, 0.01) and given == set()
-    cfg = schedule_for(cfg, given, n_train=60614, epochs=3)
+    cfg = schedule(cfg, given, n_train=60614, epochs=3, warmup_fraction=WARMUP_FRACTION)
     assert cfg.max_iters == 5683 and cfg.warmup_iters == 12  # ceil(3·60614/32), ceil(0.2% of it)
     assert lr_at(cfg, 11, 0) == pytest.approx(6.25e-5 * 12 / 13) and lr_at(cfg, 12, 0) == pytest.approx(6.25e-5)
     assert lr_at(cfg, 5683, 0) == 0.0
     assert FINETUNE_RECIPE["grad_clip"] == 1.0
-    cfg2, given2 = resolve_finetune_config({"max_iters": 10, "lr": "1e-4"})
-    assert schedule_for(cfg2, given2, 60614, 3).max_iters == 10 and cfg2.lr == 1e-4
+    cfg2, given2 = resolve_train(RECIPE, FINETUNE_RECIPE, {"max_iters": 10, "lr": "1e-4"})
+    assert schedule(cfg2, given2, 60614, 3, WARMUP_FRACTION).max_iters == 10 and cfg2.lr == 1e-4
 
 
 def test_epoch_order_is_a_permutation_per_epoch_and_independent_of_slicing():

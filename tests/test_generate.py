@@ -188,7 +188,7 @@ def test_generate_and_chat_commands(tmp_path, tok):
     import sys
 
     from gptlab.run import write_run_config
-    from gptlab.train.checkpoint import save_model
+    from gptlab.run.format import save_model
 
     m = _model(vocab=tok.vocab_size, block=64)
     write_run_config(tmp_path / "run", m.cfg, tok, stage="test")

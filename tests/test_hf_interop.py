@@ -24,7 +24,7 @@ from gptlab.run import load_run, write_run_config
 from gptlab.generate import Generator, SamplingParams
 from gptlab.tokenizer import EOT, BPETokenizer, CharTokenizer, gpt2_tokenizer, train_bpe
 from gptlab.tokenizer.bpe import GPT2_PATTERN, gpt2_data_dir
-from gptlab.train.checkpoint import MODEL_FILE, save_model
+from gptlab.run.format import MODEL_FILE, save_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -25,7 +25,7 @@ from gptlab.model import GPT, GPTConfig  # noqa: E402
 from gptlab.run import write_run_config  # noqa: E402
 from gptlab.serve.metrics import parse_metrics  # noqa: E402
 from gptlab.tokenizer import gpt2_tokenizer  # noqa: E402
-from gptlab.train.checkpoint import MODEL_FILE, save_model  # noqa: E402
+from gptlab.run.format import MODEL_FILE, save_model  # noqa: E402
 
 KEY = "sk-test-key"
 CTX = 1024

@@ -20,7 +20,7 @@ from gptlab.serve.metrics import Metrics, parse_metrics  # noqa: E402
 from gptlab.serve.moderation import REDACTED, Moderator  # noqa: E402
 from gptlab.serve.protocol import APIError, chat_messages, parse_json, parse_request  # noqa: E402
 from gptlab.tokenizer import gpt2_tokenizer  # noqa: E402
-from gptlab.train.checkpoint import MODEL_FILE, save_model  # noqa: E402
+from gptlab.run.format import MODEL_FILE, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from gptlab.run import load_run
 from gptlab.train.checkpoint import CheckpointManager
 from gptlab.train.config import TrainConfig, resolve_train_config
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
-from gptlab.train.pretrain import pretrain
+from gptlab.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

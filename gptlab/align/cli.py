@@ -9,18 +9,10 @@ import sys
 
 def _train_layer(a) -> dict:
     """train: keys of --config YAML, then --train.KEY flags (the later wins)."""
-    from gptlab.config import collect_overrides, load_yaml
-    from gptlab.errors import GptlabError
+    from gptlab.config import read_config, section_layer
     from gptlab.train.config import TrainConfig
 
-    y = load_yaml(a.config)
-    unknown = set(y) - {"train"}
-    if unknown:
-        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (this YAML holds train: {{...}}; "
-                          "the rest are flags)")
-    if not isinstance(y.get("train") or {}, dict):
-        raise GptlabError(f"{a.config}: 'train' must be a mapping of keys to values")
-    return {**(y.get("train") or {}), **collect_overrides(a, TrainConfig, "train")}
+    return section_layer(a, read_config(a.config, ("train",)), TrainConfig, "train")
 
 
 def _common(p: argparse.ArgumentParser, what: str) -> None:

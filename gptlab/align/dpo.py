@@ -23,16 +23,16 @@ import torch
 from gptlab.align.data import load_preferences
 from gptlab.align.losses import dpo_loss, token_logprobs
 from gptlab.align.reward import Encoded, encode_response, prompt_ids
-from gptlab.align.stage import NO_DROPOUT, resolve_config, schedule, single_process, split_heldout, start_or_resume, unwrap
 from gptlab.chat.template import ensure_chat_tokens
 from gptlab.errors import GptlabError
-from gptlab.finetune.train import EpochOrder, load_pretrained
+from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
+                          single_process, split_heldout, unwrap)
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.runtime import autocast
-from gptlab.train.engine import Trainer, compute_dtype
+from gptlab.train.engine import compute_dtype
 
 RECIPE = "dpo"
 # DPO paper: RMSprop lr 1e-6, batch 64, warmup 150 steps, β 0.1; small models here need a larger lr
@@ -134,25 +134,16 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
         heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """DPO into `out_dir` from the SFT run `init_from` (also the frozen reference) on preference `data` ->
     final metrics ("heldout_reward_accuracy", "heldout_margin", "val_loss", "step", ...)."""
-    out = Path(out_dir)
-    saved = start_or_resume(out, "dpo", resume)
-    layers: tuple[dict, ...] = (train or {},)
-    if resume:
-        st = saved.get("dpo", {})
-        data = data if data is not None else st.get("data")
-        init_from = saved.get("init", {}).get("from")
-        beta, epochs = st.get("beta", beta), st.get("epochs", epochs)
-        heldout_fraction = st.get("heldout_fraction", heldout_fraction)
-        layers = ({k: v for k, v in saved.get("train", {}).items() if k not in ("max_iters", "warmup_iters")
-                   or st.get("max_iters_given")}, *layers)
-    elif init_from is None:
+    st = begin(out_dir, "dpo", resume)
+    out = st.out
+    init_from = st.saved.get("init", {}).get("from") if resume else init_from  # the reference is fixed at the start
+    if init_from is None and not resume:
         raise GptlabError("dpo needs --from RUN_DIR (the SFT run: the starting policy and the frozen reference)")
-    if data is None:
-        raise GptlabError("dpo needs --data (a preference file)"
-                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
+    data = st.data(data, "a preference file")
+    beta, epochs, heldout_fraction = st.kept("beta", beta), st.kept("epochs", epochs), st.kept("heldout_fraction", heldout_fraction)
     if not (isinstance(beta, (int, float)) and beta > 0):
         raise GptlabError(f"--beta must be positive, got {beta!r}")
-    cfg, given = resolve_config(RECIPE, DPO_RECIPE, *layers)
+    cfg, given = resolve_train(RECIPE, DPO_RECIPE, *st.train_layers(train or {}))
     prefs = load_preferences(data, quiet=quiet)
     train_idx, held_idx = split_heldout(len(prefs), heldout_fraction, cfg.seed)
 
@@ -160,8 +151,8 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     ref_model, tok = load_pretrained(init_from, NO_DROPOUT)  # the SFT run: reference (and the start when not resuming)
     tok = ensure_chat_tokens(tok, ref_model)
     if resume:
-        tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
-        model = GPT(GPTConfig.from_dict(saved["model"]))
+        tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
+        model = GPT(GPTConfig.from_dict(st.saved["model"]))
     else:
         model = ref_model
     check_vocab(model.cfg, tok, "dpo")
@@ -192,7 +183,7 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
                  "epochs": epochs, "heldout_fraction": heldout_fraction, "pairs": "all C(K,2) pairs per prompt",
                  "n_train_pairs": len(train_pairs), "n_heldout_pairs": len(held_pairs),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
-    init_cfg = saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
+    init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
     write_run_config(out, model.cfg, tok, stage="dpo", train=cfg.to_dict(), dpo=stage_cfg, init=init_cfg)
     if not quiet:
         print(f"dpo: {model.num_params() / 1e6:.2f}M parameters · β {beta:g} · reference = {init_from} (log-probs "
@@ -208,19 +199,14 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
             chunk = idx[k:k + cfg.batch_size]
             yield collate([held_pairs[i] for i in chunk], pad, ref_held, chunk, device)
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    subset = torch.randperm(len(held_pairs), generator=g)[: cfg.eval_iters * cfg.batch_size].tolist()
+    [subset] = eval_subsets(cfg.seed, (len(held_pairs), cfg.eval_iters * cfg.batch_size))
 
     def eval_fn(m: torch.nn.Module, final: bool) -> dict:
         return evaluate(m, held_batches(list(range(len(held_pairs))) if final else subset), beta)
 
-    try:
-        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample,
-                          loss_fn=lambda m, b: dpo_terms(m, b, beta)[0], eval_fn=eval_fn if held_pairs else None,
-                          dist_info=info, device=device, resume=resume)
-        result = trainer.fit()
-    finally:
-        D.cleanup(info)
+    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample,
+                 loss_fn=lambda m, b: dpo_terms(m, b, beta)[0], eval_fn=eval_fn if held_pairs else None,
+                 device=device, resume=resume)
     if not quiet and "heldout_reward_accuracy" in result:
         print(f"done: step {result['step']} · held-out reward accuracy {result['heldout_reward_accuracy']:.4f} · "
               f"margin {result['heldout_margin']:+.4f} · run dir {out}")

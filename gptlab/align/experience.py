@@ -147,6 +147,11 @@ class ExperienceConfig:
     missing_end_penalty: float | None = 1.0  # subtracted from the score of a response cut at max length
     forward_batch_size: int = 16  # rows per scoring forward (bounds the (rows, R, V) logits)
 
+    @classmethod
+    def of(cls, cfg) -> "ExperienceConfig":
+        """The experience settings of a larger config that has these keys too (PPOConfig)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
 
 class ExperienceMaker:
     """Makes experience batches from the current actor. `reward_model` is an object with

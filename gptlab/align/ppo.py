@@ -31,15 +31,14 @@ from gptlab.align.experience import Experience, ExperienceConfig, ExperienceMake
 from gptlab.align.losses import AdaptiveKLController, FixedKLController
 from gptlab.align.ppo_config import PPOConfig
 from gptlab.align.ppo_loss import ActorCritic, PPOLoss
-from gptlab.align.stage import NO_DROPOUT, start_or_resume
 from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids, truncate_history
 from gptlab.errors import GptlabError
-from gptlab.finetune.train import EpochOrder, load_pretrained
+from gptlab.stage import NO_DROPOUT, EpochOrder, begin, load_pretrained
 from gptlab.model import GPT
 from gptlab.run import load_run, write_run_config
 from gptlab.runtime import TRAIN_DTYPES, autocast, dtype_name, linear_shape, resolve_dtype
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import save_model
+from gptlab.run.format import save_model
 from gptlab.fileio import atomic_write_json, read_json
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
@@ -217,8 +216,8 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     measured on held-out prompts with the training sampling settings. The KL reference is `actor_from`
     itself unless `reference_from` names another run (e.g. the SFT run when PPO continues an earlier PPO
     policy, as `gptlab rlhf` does)."""
-    out = Path(out_dir)
-    saved = start_or_resume(out, "ppo", resume)
+    st = begin(out_dir, "ppo", resume)
+    out, saved = st.out, st.saved
     if resume:
         init = saved.get("init", {})
         actor_from = actor_from or init.get("actor_from")
@@ -281,9 +280,7 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
                        seed=cfg.seed, eval_interval=cfg.eval_every * spi, log_interval=1,
                        checkpoint_interval=cfg.checkpoint_every * spi, keep_last=cfg.keep_last)
     amp = lambda: autocast(device, train_dtype)  # noqa: E731
-    ecfg = ExperienceConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator,
-                            missing_end_penalty=cfg.missing_end_penalty, forward_batch_size=cfg.forward_batch_size)
+    ecfg = ExperienceConfig.of(cfg)
     maker = ExperienceMaker(actor, critic, ref, tok, ecfg, reward_model=rm, reward_fn=reward_fn, autocast=amp)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else FixedKLController(cfg.kl_coef))

@@ -1,7 +1,7 @@
 """`gptlab ppo` and `gptlab rlhf`: parsers with set_defaults(func=...), wired into gptlab/cli.py.
 
-Config: --config YAML (PPOConfig keys at the top level for `ppo`; sections reward: {...} and ppo: {...}
-for `rlhf`), then --ppo.KEY VALUE flags (the later wins)."""
+Config: --config YAML with a ppo: {...} section (PPOConfig keys; the older layout with them at the top
+level is read too) and, for `rlhf`, reward: {...}; then --ppo.KEY VALUE flags (the later wins)."""
 
 from __future__ import annotations
 
@@ -11,28 +11,28 @@ import json
 
 
 def _add_ppo_keys(p: argparse.ArgumentParser) -> None:
-    from gptlab.align.ppo import PPOConfig
+    from gptlab.align.ppo_config import PPOConfig
+    from gptlab.config import add_dataclass_args
 
-    g = p.add_argument_group("PPO options (--ppo.KEY VALUE; 'none' clears an optional one)")
-    for f in dataclasses.fields(PPOConfig):
-        g.add_argument(f"--ppo.{f.name}", dest=f"ppo.{f.name}", metavar="V", default=argparse.SUPPRESS,
-                       help=f"{f.metadata.get('help', '')} [default: {f.default}]")
+    add_dataclass_args(p, PPOConfig, "ppo", "PPO options (--ppo.KEY VALUE; 'none' clears an optional one)")
 
 
-def _ppo_layer(a, yaml_section: dict) -> dict:
-    from gptlab.errors import GptlabError
+def _ppo_layer(a, y: dict) -> dict:
+    from gptlab.align.ppo_config import PPOConfig
+    from gptlab.config import section_layer
 
-    if not isinstance(yaml_section, dict):
-        raise GptlabError(f"{a.config}: the PPO settings must be a mapping of keys to values")
-    flags = {k.split(".", 1)[1]: v for k, v in vars(a).items() if k.startswith("ppo.")}
-    return {**yaml_section, **flags}
+    return section_layer(a, y, PPOConfig, "ppo")
 
 
 def _cmd_ppo(a) -> None:
     from gptlab.align.ppo import ppo
-    from gptlab.config import load_yaml
+    from gptlab.align.ppo_config import PPOConfig
+    from gptlab.config import check_layout, load_yaml
 
     y = load_yaml(a.config)
+    if y and "ppo" not in y and set(y) <= {f.name for f in dataclasses.fields(PPOConfig)}:
+        y = {"ppo": y}  # the older layout: PPO keys at the top level
+    y = check_layout(y, a.config, ("ppo",))
     result = ppo(a.out, a.prompts, actor_from=a.init_from, reward_from=a.reward, reward_fn=a.reward_fn,
                  critic_from=a.critic_from, reference_from=a.reference_from, config=_ppo_layer(a, y), resume=a.resume)
     if a.json:
@@ -58,7 +58,7 @@ def add_ppo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reference-from", metavar="RUN_DIR", help="KL reference, when not the --from run (e.g. the SFT "
                                                                "run when continuing an earlier PPO policy)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--config", help="YAML of PPO keys (as --ppo.KEY)")
+    p.add_argument("--config", help="YAML with ppo: {...} (PPO keys, as --ppo.KEY)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     _add_ppo_keys(p)
     p.set_defaults(func=_cmd_ppo)
@@ -67,20 +67,12 @@ def add_ppo_parser(sub) -> argparse.ArgumentParser:
 
 def _cmd_rlhf(a) -> None:
     from gptlab.align.rlhf import rlhf
-    from gptlab.config import load_yaml
-    from gptlab.errors import GptlabError
+    from gptlab.config import read_config
 
-    y = load_yaml(a.config)
-    unknown = set(y) - {"reward", "ppo"}
-    if unknown:
-        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (an rlhf YAML holds reward: {{...}} "
-                          "and ppo: {...})")
-    reward = y.get("reward") or {}
-    if not isinstance(reward, dict):
-        raise GptlabError(f"{a.config}: 'reward' must be a mapping of keys to values")
+    y = read_config(a.config, ("reward", "ppo"))
     prefs = a.preferences[0] if len(a.preferences) == 1 else (a.preferences or None)
-    rlhf(a.out, sft_from=a.init_from, preferences=prefs, prompts=a.prompts, rounds=a.rounds, reward=reward,
-         ppo=_ppo_layer(a, y.get("ppo") or {}), judge=a.judge)
+    rlhf(a.out, sft_from=a.init_from, preferences=prefs, prompts=a.prompts, rounds=a.rounds, reward=y["reward"],
+         ppo=_ppo_layer(a, y), judge=a.judge)
 
 
 def add_rlhf_parser(sub) -> argparse.ArgumentParser:

@@ -5,64 +5,61 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from gptlab.config import coerce, field
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
-
-
-def _f(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class PPOConfig:
     # schedule
-    iterations: int = _f(20, "experience batches")
-    rollout_prompts: int = _f(16, "prompts per experience batch")
-    samples_per_prompt: int = _f(1, "responses per prompt")
-    ppo_epochs: int = _f(2, "passes over each experience batch")
-    minibatch_size: int = _f(8, "responses per optimizer step")
-    micro_batch_size: int = _f(0, "responses per forward/backward (0 = minibatch_size); accumulated")
+    iterations: int = field(20, "experience batches")
+    rollout_prompts: int = field(16, "prompts per experience batch")
+    samples_per_prompt: int = field(1, "responses per prompt")
+    ppo_epochs: int = field(2, "passes over each experience batch")
+    minibatch_size: int = field(8, "responses per optimizer step")
+    micro_batch_size: int = field(0, "responses per forward/backward (0 = minibatch_size); accumulated")
     # sampling (temperature 1, no top-k/top-p: see experience.py)
-    max_new_tokens: int = _f(64, "response length limit (a response cut here gets the missing-end penalty)")
-    temperature: float = _f(1.0, "sampling temperature; keep 1: the KL is estimated from these samples")
-    top_k: int = _f(0, "top-k sampling (0 = off; biases the KL estimate)")
-    top_p: float = _f(1.0, "nucleus sampling (1 = off; biases the KL estimate)")
+    max_new_tokens: int = field(64, "response length limit (a response cut here gets the missing-end penalty)")
+    temperature: float = field(1.0, "sampling temperature; keep 1: the KL is estimated from these samples")
+    top_k: int = field(0, "top-k sampling (0 = off; biases the KL estimate)")
+    top_p: float = field(1.0, "nucleus sampling (1 = off; biases the KL estimate)")
     # reward
-    kl_coef: float = _f(0.02, "β: per-token reward −β·KL(actor‖ref) (InstructGPT: 0.02)")
-    kl_target: float | None = _f(None, "set: Ziegler et al.'s adaptive controller drives the KL to this value")
-    kl_horizon: int = _f(10000, "adaptive controller time constant, in samples")
-    kl_estimator: str = _f("k1", "per-token KL estimator in the reward: k1 (log ratio, unbiased) | k2 | k3")
-    missing_end_penalty: float | None = _f(1.0, "subtracted from the score of a response cut at max_new_tokens")
+    kl_coef: float = field(0.02, "β: per-token reward −β·KL(actor‖ref) (InstructGPT: 0.02)")
+    kl_target: float | None = field(None, "set: Ziegler et al.'s adaptive controller drives the KL to this value")
+    kl_horizon: int = field(10000, "adaptive controller time constant, in samples")
+    kl_estimator: str = field("k1", "per-token KL estimator in the reward: k1 (log ratio, unbiased) | k2 | k3")
+    missing_end_penalty: float | None = field(1.0, "subtracted from the score of a response cut at max_new_tokens")
     # PPO
-    gamma: float = _f(1.0, "GAE discount γ")
-    lam: float = _f(0.95, "GAE λ")
-    clip: float = _f(0.2, "PPO ratio clip ε (ratio kept in [1-ε, 1+ε])")
-    value_clip: float | None = _f(0.2, "value clipping around the old values (none = off)")
-    vf_coef: float = _f(0.1, "value-loss coefficient")
-    ratio_guard: float | None = _f(10.0, "skip a minibatch whose largest importance ratio exceeds this")
-    ptx_coef: float = _f(0.0, "PPO-ptx: + ptx_coef · LM loss on pretraining data")
-    ptx_data: str | None = _f(None, "a prepared data dir (gptlab prepare)")
-    ptx_batch_size: int = _f(4, "pretraining windows per micro-batch")
+    gamma: float = field(1.0, "GAE discount γ")
+    lam: float = field(0.95, "GAE λ")
+    clip: float = field(0.2, "PPO ratio clip ε (ratio kept in [1-ε, 1+ε])")
+    value_clip: float | None = field(0.2, "value clipping around the old values (none = off)")
+    vf_coef: float = field(0.1, "value-loss coefficient")
+    ratio_guard: float | None = field(10.0, "skip a minibatch whose largest importance ratio exceeds this")
+    ptx_coef: float = field(0.0, "PPO-ptx: + ptx_coef · LM loss on pretraining data")
+    ptx_data: str | None = field(None, "a prepared data dir (gptlab prepare)")
+    ptx_batch_size: int = field(4, "pretraining windows per micro-batch")
     # optimisation
-    actor_lr: float = _f(1e-5, "actor learning rate (constant)")
-    critic_lr: float = _f(1e-5, "critic learning rate (constant)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "global grad-norm clip over actor + critic (0 = off)")
-    seed: int = _f(1337, "seed: prompt order, minibatches, sampling, the eval split")
-    dtype: str = _f("auto", "compute dtype of rollouts and training: auto | bfloat16 | float32")
-    frozen_dtype: str = _f("auto", "weights of the reference and the reward model (auto: the compute dtype)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    forward_batch_size: int = _f(16, "rows per scoring forward")
+    actor_lr: float = field(1e-5, "actor learning rate (constant)")
+    critic_lr: float = field(1e-5, "critic learning rate (constant)")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "global grad-norm clip over actor + critic (0 = off)")
+    seed: int = field(1337, "seed: prompt order, minibatches, sampling, the eval split")
+    dtype: str = field("auto", "compute dtype of rollouts and training: auto | bfloat16 | float32")
+    frozen_dtype: str = field("auto", "weights of the reference and the reward model (auto: the compute dtype)")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N")
+    forward_batch_size: int = field(16, "rows per scoring forward")
     # evaluation and checkpoints
-    eval_prompts: Any = _f(16, "prompts held out of the prompt set, or a prompt file")
-    eval_samples: int = _f(1, "responses per eval prompt")
-    eval_seed: int = _f(1234, "sampling seed of the held-out evaluation (before and after)")
-    eval_every: int = _f(0, "iterations between periodic evals (0 = before and after only)")
-    checkpoint_every: int = _f(5, "iterations between checkpoints")
-    keep_last: int = _f(2, "checkpoints to keep")
-    show_samples: int = _f(4, "samples kept in the summary")
+    eval_prompts: Any = field(16, "prompts held out of the prompt set, or a prompt file")
+    eval_samples: int = field(1, "responses per eval prompt")
+    eval_seed: int = field(1234, "sampling seed of the held-out evaluation (before and after)")
+    eval_every: int = field(0, "iterations between periodic evals (0 = before and after only)")
+    checkpoint_every: int = field(5, "iterations between checkpoints")
+    keep_last: int = field(2, "checkpoints to keep")
+    show_samples: int = field(4, "samples kept in the summary")
 
     def __post_init__(self) -> None:
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "ppo_epochs", "minibatch_size")
@@ -117,38 +114,7 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> "PPOConfig":
         """Keys checked, values coerced from strings (YAML, CLI); 'none'/'null' clear the optional ones."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        d = dict(d or {})
-        unknown = set(d) - set(fields)
-        if unknown:
-            raise GptlabError(f"unknown ppo config keys: {', '.join(sorted(unknown))}")
-        out = {}
-        for k, v in d.items():
-            default = fields[k].default
-            if isinstance(v, str) and v.strip().lower() in ("none", "null", "off") and k in _OPTIONAL:
-                v = None
-            elif k in _OPTIONAL and v is not None:
-                try:
-                    v = _OPTIONAL[k](v)
-                except (TypeError, ValueError):
-                    raise GptlabError(f"ppo.{k}: bad value {v!r}") from None
-            elif k == "eval_prompts":
-                v = int(v) if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()) else str(v)
-            elif isinstance(v, str) and not isinstance(default, str):
-                from gptlab.config import parse_value
-
-                try:
-                    v = parse_value(default, v)
-                except GptlabError as e:
-                    raise GptlabError(f"ppo.{k}: {e}") from None
-            elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            out[k] = v
-        return cls(**out)
+        return cls(**coerce(cls, dict(d or {}), "ppo"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_OPTIONAL: dict[str, Callable] = {"kl_target": float, "value_clip": float, "missing_end_penalty": float,
-                                  "ratio_guard": float, "ptx_data": str}

@@ -9,7 +9,7 @@ from gptlab.align.experience import response_logits
 from gptlab.align.losses import entropy_from_logits, masked_mean, policy_loss, token_logprobs, value_loss
 from gptlab.align.ppo_config import PPOConfig
 from gptlab.align.reward import token_scores
-from gptlab.align.stage import unwrap
+from gptlab.stage import unwrap
 from gptlab.model import GPT
 
 
@@ -21,22 +21,6 @@ class ActorCritic(torch.nn.Module):
     def __init__(self, actor: GPT, critic: GPT, temperature: float = 1.0):
         super().__init__()
         self.actor, self.critic, self.temperature = actor, critic, temperature
-        self.cfg = actor.cfg  # the engine reads cfg.tie_embeddings; our state dict drops tied copies itself
-        self._register_state_dict_hook(ActorCritic._drop_tied)
-
-    @staticmethod
-    def _drop_tied(module, state_dict, prefix, local_metadata):
-        for name in ("actor", "critic"):
-            if getattr(module, name).cfg.tie_embeddings:
-                state_dict.pop(f"{prefix}{name}.lm_head.weight", None)
-        return state_dict
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # keys were checked against our (tied-free) state dict by the caller; the tied heads are absent
-        res = super().load_state_dict(state_dict, strict=False, assign=assign)
-        if strict and res.unexpected_keys:
-            raise RuntimeError(f"unexpected keys {res.unexpected_keys[:3]}")
-        return res
 
     def forward(self, seq: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
         logits = response_logits(self.actor, seq, positions, self.temperature)  # (N, R, V)

@@ -30,18 +30,16 @@ import torch
 
 from gptlab.align.data import Preference, load_preferences, load_sft_examples
 from gptlab.align.losses import kwise_ranking_loss, ranking_accuracy
-from gptlab.align.stage import (NO_DROPOUT, resolve_config, schedule, single_process, split_heldout, start_or_resume,
-                                unwrap)
 from gptlab.chat.template import END, ensure_chat_tokens, render_ids
 from gptlab.errors import GptlabError
-from gptlab.finetune.train import EpochOrder, load_pretrained
+from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
+                          single_process, split_heldout, unwrap)
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, read_run_config, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import CONFIG_FILE
+from gptlab.run.format import CONFIG_FILE
 from gptlab.fileio import atomic_write_json
-from gptlab.train.engine import Trainer
 from gptlab.train.metrics import read_metrics
 
 RECIPE = "reward"
@@ -262,30 +260,21 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
                  dropout: bool = False, quiet: bool = False) -> dict:
     """Train a reward model into `out_dir` from the SFT run `init_from` on preference `data` -> final metrics
     ("heldout_accuracy", "train_accuracy", "offset", "val_loss", "step", ...)."""
-    out = Path(out_dir)
-    saved = start_or_resume(out, "reward", resume)
-    layers: tuple[dict, ...] = (train or {},)
-    if resume:
-        st = saved.get("reward_train", {})
-        data = data if data is not None else st.get("data")
-        init_from = init_from or saved.get("init", {}).get("from")
-        epochs, heldout_fraction = st.get("epochs", epochs), st.get("heldout_fraction", heldout_fraction)
-        layers = ({k: v for k, v in saved.get("train", {}).items() if k not in ("max_iters", "warmup_iters")
-                   or st.get("max_iters_given")}, *layers)
-    elif init_from is None:
+    st = begin(out_dir, "reward", resume)
+    out, init_from, section = st.out, st.init_from(init_from), "reward_train"
+    if init_from is None and not resume:
         raise GptlabError("reward training needs --from RUN_DIR (the SFT run whose trunk it starts from)")
-    if data is None:
-        raise GptlabError("reward training needs --data (a preference file)"
-                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
-    cfg, given = resolve_config(RECIPE, RM_RECIPE, *layers)
+    data = st.data(data, "a preference file", section)
+    epochs, heldout_fraction = st.kept("epochs", epochs, section), st.kept("heldout_fraction", heldout_fraction, section)
+    cfg, given = resolve_train(RECIPE, RM_RECIPE, *st.train_layers(train or {}, section=section))
     prefs = load_preferences(data, quiet=quiet)
     train_idx, held_idx = split_heldout(len(prefs), heldout_fraction, cfg.seed)
     train_p, held_p = [prefs[i] for i in train_idx], [prefs[i] for i in held_idx]
 
     torch.manual_seed(cfg.seed)  # the head's init
     if resume:
-        tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
-        model = GPT(GPTConfig.from_dict(saved["model"]))
+        tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
+        model = GPT(GPTConfig.from_dict(st.saved["model"]))
     else:
         model, tok = load_pretrained(init_from, {} if dropout else NO_DROPOUT)
         tok = ensure_chat_tokens(tok, model)
@@ -302,7 +291,7 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
     stage_cfg = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else None, "epochs": epochs,
                  "heldout_fraction": heldout_fraction, "n_train": len(train_s), "n_heldout": len(held_s),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
-    init_cfg = saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
+    init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
     write_run_config(out, model.cfg, tok, stage="reward", train=cfg.to_dict(), reward_train=stage_cfg, init=init_cfg)
     if not quiet:
         ks = sorted({len(p.responses) for p in prefs})
@@ -323,9 +312,8 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
         for k in range(0, len(idx), cfg.batch_size):
             yield collate([items[i].seqs for i in idx[k:k + cfg.batch_size]], pad, device)
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    subset = torch.randperm(len(held_s), generator=g)[: cfg.eval_iters * cfg.batch_size].tolist()
-    train_subset = torch.randperm(len(train_s), generator=g)[:200].tolist()  # a sample: cheap
+    subset, train_subset = eval_subsets(cfg.seed, (len(held_s), cfg.eval_iters * cfg.batch_size),
+                                        (len(train_s), 200))  # train accuracy on a sample: cheap
 
     def eval_fn(m: torch.nn.Module, final: bool) -> dict:
         out_: dict = {}
@@ -337,12 +325,8 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
         return out_
 
     tokens_per_sample = max(1, round(sum(len(s) for it in train_s for s in it.seqs) / len(train_s)))
-    try:
-        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample, loss_fn=rm_loss,
-                          eval_fn=eval_fn, dist_info=info, device=device, resume=resume)
-        result = trainer.fit()
-    finally:
-        D.cleanup(info)
+    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=rm_loss,
+                 eval_fn=eval_fn, device=device, resume=resume)
     plot_accuracy(out / "metrics.jsonl", out / "accuracy.png")
 
     # normalise: the reference responses' mean raw reward becomes the offset

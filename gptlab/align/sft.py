@@ -28,15 +28,13 @@ from typing import NamedTuple
 import torch
 
 from gptlab.align.data import load_sft_examples
-from gptlab.align.stage import resolve_config, schedule, split_heldout, start_or_resume
 from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids
 from gptlab.errors import GptlabError
-from gptlab.finetune.train import EpochOrder, load_pretrained
+from gptlab.stage import EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule, split_heldout
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.engine import Trainer
 
 RECIPE = "sft"
 # Small-model SFT defaults (TRL/OpenRLHF-like: AdamW, cosine to 10%, short warmup, no weight decay);
@@ -126,32 +124,22 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
         skip_empty: bool = False, quiet: bool = False) -> dict:
     """Supervised fine-tuning into `out_dir` from the pretrained run `init_from` -> final metrics (loss,
     val_loss, step, n_train, n_val, n_truncated, ...). `train` overrides TrainConfig keys."""
-    out = Path(out_dir)
-    saved = start_or_resume(out, "sft", resume)
-    layers: tuple[dict, ...] = (train or {},)
-    if resume:
-        st = saved.get("sft", {})
-        data = data if data is not None else st.get("data")
-        init_from = init_from or saved.get("init", {}).get("from")
-        pack, val_fraction = st.get("pack", pack), st.get("val_fraction", val_fraction)
-        epochs = st.get("epochs") if epochs is None else epochs
-        layers = ({k: v for k, v in saved.get("train", {}).items() if k not in ("max_iters", "warmup_iters")
-                   or st.get("max_iters_given")}, *layers)
-    elif init_from is None:
+    st = begin(out_dir, "sft", resume)
+    out, init_from = st.out, st.init_from(init_from)
+    if init_from is None and not resume:
         raise GptlabError("sft needs --from RUN_DIR (a pretrained run to start from)")
-    if data is None:
-        raise GptlabError("sft needs --data (demonstrations: JSONL/JSON/CSV)"
-                          + ("; the resumed run was trained from in-memory rows: pass them again" if resume else ""))
-    epochs = EPOCHS if epochs is None else epochs
-    cfg, given = resolve_config(RECIPE, SFT_RECIPE, *layers)
+    data = st.data(data, "demonstrations: JSONL/JSON/CSV")
+    pack, val_fraction = st.kept("pack", pack), st.kept("val_fraction", val_fraction)
+    epochs = epochs if epochs is not None else st.section().get("epochs", EPOCHS)
+    cfg, given = resolve_train(RECIPE, SFT_RECIPE, *st.train_layers(train or {}))
 
     convs = load_sft_examples(data, skip_empty=skip_empty)
     train_idx, val_idx = split_heldout(len(convs), val_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)  # the new embedding rows
     if resume:
-        tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
-        model = GPT(GPTConfig.from_dict(saved["model"]))
+        tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
+        model = GPT(GPTConfig.from_dict(st.saved["model"]))
     else:
         model, tok = load_pretrained(init_from)
         tok = ensure_chat_tokens(tok, model)
@@ -166,14 +154,14 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     if pack:
         train_s = pack_samples(train_s, T)
     info, device = D.init_distributed(cfg.device)
-    cfg = schedule(cfg, given, len(train_s), epochs, WARMUP_FRACTION)
+    cfg = schedule(cfg, given, len(train_s), epochs, WARMUP_FRACTION, info.world)
     model = model.to(device)
     stage_cfg = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else None, "epochs": epochs,
                  "pack": pack, "val_fraction": val_fraction, "n_train": n_examples, "n_val": len(val_s),
                  "n_truncated": n_trunc + v_trunc, "n_dropped": n_drop + v_drop,
                  "max_iters_given": "max_iters" in given}
     if info.is_main:
-        init_cfg = saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "pretrained"}
+        init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "pretrained"}
         write_run_config(out, model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg)
         if not quiet:
             print(f"sft: {model.num_params() / 1e6:.2f}M parameters · context {T} · chat tokens {' '.join(CHAT_TOKENS)}")
@@ -194,16 +182,12 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     tokens_per_sample = max(1, round(sum(len(s.x) for s in train_s) / len(train_s)))
 
     def batch_fn(step: int, sl: slice, n_global: int) -> SFTBatch:
-        idx = order.indices(step, sl, n_global)
-        b = collate([train_s[i] for i in idx], pad, device)
-        # mean over all of the step's target tokens, however the step is split into micro-batches/processes
-        step_tokens = sum(n_tgt[i] for i in order.indices(step, slice(0, n_global), n_global))
-        return b._replace(weight=sum(n_tgt[i] for i in idx) * (n_global // len(idx)) / max(step_tokens, 1))
+        b = collate([train_s[i] for i in order.indices(step, sl, n_global)], pad, device)
+        return b._replace(weight=order.micro_weight(step, sl, n_global, n_tgt.__getitem__))
 
     by_len = sorted(range(len(val_s)), key=lambda i: len(val_s[i].x))
-    g = torch.Generator().manual_seed(cfg.seed)
-    subset = sorted(torch.randperm(len(val_s), generator=g)[: cfg.eval_iters * cfg.batch_size].tolist(),
-                    key=lambda i: len(val_s[i].x))
+    [subset] = eval_subsets(cfg.seed, (len(val_s), cfg.eval_iters * cfg.batch_size))
+    subset.sort(key=lambda i: len(val_s[i].x))
 
     def val_batches(idx: list[int]):
         for k in range(0, len(idx), cfg.batch_size):
@@ -213,12 +197,8 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
         v = eval_loss(m, val_batches(by_len if final else subset))
         return {"val_loss": v, "val_ppl": math.exp(min(v, 50))}
 
-    try:
-        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample, loss_fn=sft_loss,
-                          eval_fn=eval_fn if val_s else None, dist_info=info, device=device, resume=resume)
-        result = trainer.fit()
-    finally:
-        D.cleanup(info)
+    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=sft_loss,
+                 eval_fn=eval_fn if val_s else None, device=device, resume=resume)
     result.update(n_train=n_examples, n_val=len(val_s), n_truncated=n_trunc + v_trunc, n_dropped=n_drop + v_drop)
     if info.is_main and not quiet:
         vl = result.get("val_loss")

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from gptlab.compress.quant import Int8Linear, IntNLinear, LLMInt8Linear
 from gptlab.errors import GptlabError
+from gptlab.run import register_layout, write_run_config
+from gptlab.run.format import MODEL_FILE, model_state, save_model
 
 FORMAT, VERSION = "gptlab-compress", 1
 KINDS = {"int8": Int8Linear, "llm-int8": LLMInt8Linear, "intn": IntNLinear}
@@ -105,9 +107,6 @@ def check_dense_source(cfg: dict, where) -> list[dict]:
 
 def save_compressed(model, tokenizer, out_dir, src_cfg: dict, src_dir, steps: list[dict]) -> Path:
     """Write a run dir: weights first, then config.json (so a run dir with a config has its weights)."""
-    from gptlab.run import write_run_config
-    from gptlab.train.checkpoint import MODEL_FILE, save_model
-
     out = Path(out_dir)
     if out.resolve() == Path(src_dir).resolve():
         raise GptlabError(f"--out {out} is the source run; write the compressed run to another directory")
@@ -124,8 +123,6 @@ def save_compressed(model, tokenizer, out_dir, src_cfg: dict, src_dir, steps: li
 
 def storage_bytes(model: nn.Module) -> int:
     """Bytes of the tensors a checkpoint of `model` holds (tied head counted once)."""
-    from gptlab.train.checkpoint import model_state
-
     return sum(t.numel() * t.element_size() for t in model_state(model).values())
 
 
@@ -140,3 +137,6 @@ def stored_params(model: nn.Module) -> int:
             seen.add(id(t))
             n += t.numel() * (2 if name == "qweight" else 1)
     return n
+
+
+register_layout("compression", prepare_model)  # load_run rebuilds a compressed run's layers through this

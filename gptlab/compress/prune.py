@@ -125,8 +125,7 @@ def structured_prune(model: nn.Module, heads: int = 0, ffn: float = 0.0):
             sd[p + "mlp.c_fc.bias"] = block.mlp.c_fc.bias[kf]
         sd[p + "mlp.c_proj.weight"] = W_p[:, kf]
     new.load_state_dict({k: v.contiguous() for k, v in sd.items()})
-    if new_cfg.tie_embeddings:
-        new.lm_head.weight = new.wte.weight
+    new.tie_weights()
     record = {"method": "structured", "heads_removed": heads, "ffn_removed": ffn, "n_head": new_cfg.n_head,
               "d_ff": new_cfg.d_ff, "params_before": model.num_params(), "params_after": new.num_params()}
     return new.eval(), record

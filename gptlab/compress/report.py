@@ -95,7 +95,7 @@ def report(run_dirs, *, data, out=None, eval_tokens: int = 65536, decode_tokens:
            decode_threads: int | None = None, quiet: bool = False) -> list[dict]:
     from gptlab.compress.format import stored_params
     from gptlab.run import load_run
-    from gptlab.train.checkpoint import MODEL_FILE
+    from gptlab.run.format import MODEL_FILE
 
     if not run_dirs:
         raise GptlabError("report needs at least one run dir")

@@ -30,26 +30,19 @@ def _add_field_args(p: argparse.ArgumentParser, defaults_note: str) -> None:
 
 
 def _cmd_finetune(a) -> None:
-    from gptlab.config import collect_overrides, load_yaml
+    from gptlab.config import read_config, section_layer
     from gptlab.errors import GptlabError
     from gptlab.finetune.train import finetune
     from gptlab.model import GPTConfig
     from gptlab.train.config import TrainConfig
 
-    y = load_yaml(a.config)
-    for section in ("model", "train"):
-        if not isinstance(y.get(section) or {}, dict):
-            raise GptlabError(f"{a.config}: '{section}' must be a mapping of keys to values")
-    unknown = set(y) - {"model", "train"}
-    if unknown:
-        raise GptlabError(f"{a.config}: unknown top-level keys {sorted(unknown)} (a finetune YAML holds model: {{...}} "
-                          "and train: {...}; the rest are flags)")
+    y = read_config(a.config, ("model", "train"))
     if not a.out:
         raise GptlabError("finetune needs --out (the run dir to write)")
     finetune(a.out, a.data, task=a.task, init_from=a.init_from, init=a.init, preset_name=a.preset,
              tokenizer=a.tokenizer, dev=a.dev, dev_fraction=a.dev_fraction, fields=_fields(a), lm_coef=a.lm_coef,
-             epochs=a.epochs, model_overrides={**(y.get("model") or {}), **collect_overrides(a, GPTConfig, "model")},
-             train_layers=(y.get("train") or {}, collect_overrides(a, TrainConfig, "train")), resume=a.resume)
+             epochs=a.epochs, model_overrides=section_layer(a, y, GPTConfig, "model"),
+             train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume)
 
 
 def add_finetune_parser(sub) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,12 +27,12 @@ from gptlab.errors import GptlabError
 from gptlab.finetune.data import (Example, Fields, check_task, label_ids, label_names, load_examples, split_dev)
 from gptlab.finetune.tasks import TASK_TOKENS, add_task_tokens, encode_examples
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, read_run_config, write_run_config
+from gptlab.run import check_vocab, write_run_config
+from gptlab.stage import EpochOrder, Start, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule
+from gptlab.stage.models import random_model
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import LATEST_FILE, MODEL_FILE, load_state_into, read_safetensors
-from gptlab.train.config import TrainConfig, coerce_fields
-from gptlab.train.engine import Trainer
+from gptlab.train.config import TrainConfig
 
 RECIPE = "gpt1-finetune"
 # GPT-1 §4.1 (fine-tuning details): lr 6.25e-5, batch 32, 3 epochs, linear decay with warmup over 0.2% of
@@ -41,35 +42,8 @@ FINETUNE_RECIPE: dict = dict(lr=6.25e-5, batch_size=32, schedule="linear", min_l
                              decay_tokens=0, weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0,
                              batch_warmup_tokens=0, grad_accum=1)
 EPOCHS, WARMUP_FRACTION, LM_COEF = 3.0, 0.002, 0.5
-# model keys that may change when fine-tuning a pretrained run (the rest is fixed by its weights)
-FROM_RUN_MODEL_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "head_pdrop", "attn_backend")
 HEAD_OF_TASK = {"classification": "classifier", "entailment": "classifier", "similarity": "classifier",
                 "multiple_choice": "scalar"}
-
-
-def resolve_finetune_config(*layers: dict) -> tuple[TrainConfig, set[str]]:
-    """FINETUNE_RECIPE ← each layer (saved run, YAML, CLI) -> (TrainConfig, the keys the layers set)."""
-    merged: dict = {"recipe": RECIPE, **FINETUNE_RECIPE}
-    given: set[str] = set()
-    for layer in layers:
-        vals = coerce_fields(TrainConfig, {k: v for k, v in layer.items() if k != "recipe"}, "train")
-        merged.update(vals)
-        given |= set(vals)
-    merged["recipe"] = RECIPE
-    return TrainConfig(**merged), given
-
-
-def schedule_for(cfg: TrainConfig, given: set[str], n_train: int, epochs: float, world: int = 1) -> TrainConfig:
-    """max_iters = epochs over the training set (unless set), warmup = 0.2% of the steps (unless set)."""
-    if epochs <= 0:
-        raise GptlabError(f"--epochs must be positive, got {epochs}")
-    steps = cfg.max_iters
-    if "max_iters" not in given:
-        steps = max(1, math.ceil(epochs * n_train / (cfg.batch_size * cfg.grad_accum * world)))
-    warm = cfg.warmup_iters
-    if "warmup_iters" not in given:
-        warm = math.ceil(WARMUP_FRACTION * (cfg.decay_iters or steps))
-    return dataclasses.replace(cfg, max_iters=steps, warmup_iters=warm)
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -95,30 +69,6 @@ def collate(seqs: list[list[list[int]]], labels: list[int] | None, pad_id: int, 
     counts = torch.tensor([len(ex) for ex in seqs], dtype=torch.long)
     lab = torch.tensor(labels, dtype=torch.long, device=device) if labels is not None else None
     return Batch(x.to(device), y.to(device), ext.to(device), counts, lab)
-
-
-class EpochOrder:
-    """Sample i of step s's global batch (n per step) is example perm_e[p % N] with p = s·n + i and
-    e = p // N; perm_e is a permutation seeded by (seed, e) on its own generator (the global RNG is
-    never touched)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 62))
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
-        return self._perms[epoch]
-
-    def indices(self, step: int, sample_slice: slice, n_global: int) -> list[int]:
-        out = []
-        for i in range(sample_slice.start, sample_slice.stop):
-            p = step * n_global + i
-            out.append(self.perm(p // self.n)[p % self.n])
-        return out
 
 
 # --- heads and losses ----------------------------------------------------------------------------
@@ -197,43 +147,6 @@ class FinetuneLoss:
 
 
 # --- models --------------------------------------------------------------------------------------
-def _check_model_overrides(overrides: dict, from_run: bool) -> dict:
-    bad = [k for k in overrides if k in ("head", "head_out")]
-    if bad:
-        raise GptlabError(f"--model.{bad[0]} is set by the task type, not by hand")
-    if from_run:
-        fixed = [k for k in overrides if k not in FROM_RUN_MODEL_KEYS]
-        if fixed:
-            raise GptlabError(f"--model.{fixed[0]} cannot change when fine-tuning a pretrained run (its weights fix "
-                              f"it); only {', '.join(FROM_RUN_MODEL_KEYS)} can")
-    return coerce_fields(GPTConfig, overrides, "model")
-
-
-def load_pretrained(run_dir: str | Path, overrides: dict | None = None) -> tuple[GPT, Tokenizer]:
-    """A pretrained run's model (without any task head it may carry) and tokenizer, on the CPU in fp32."""
-    run_dir = Path(run_dir)
-    saved = read_run_config(run_dir)
-    tok = load_tokenizer(run_dir / saved.get("tokenizer", TOKENIZER_FILE))
-    cfg = GPTConfig.from_dict({**saved["model"], "head": "", "head_out": 0, **_check_model_overrides(overrides or {}, True)})
-    check_vocab(cfg, tok, str(run_dir))
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model = model.to_empty(device="cpu")
-    sd = {k: v for k, v in read_safetensors(run_dir / MODEL_FILE, "model weights").items() if not k.startswith("head.")}
-    load_state_into(model, sd, run_dir / MODEL_FILE)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    return model.float(), tok
-
-
-def random_model(preset_name: str, tokenizer: Tokenizer, overrides: dict | None = None) -> GPT:
-    from gptlab.train.pretrain import build_model_config
-
-    cfg = build_model_config(preset_name, _check_model_overrides(overrides or {}, False), tokenizer.vocab_size)
-    check_vocab(cfg, tokenizer, f"preset {preset_name}")
-    return GPT(cfg)
-
-
 # --- the stage -----------------------------------------------------------------------------------
 def _labels_of(task: str, train: list[Example], saved: list[str] | None) -> list[str] | None:
     if task == "multiple_choice":
@@ -252,6 +165,80 @@ def _labels_of(task: str, train: list[Example], saved: list[str] | None) -> list
     return names
 
 
+@dataclass
+class Plan:
+    """What a fine-tune run is, fixed when it starts and read back from config.json on --resume."""
+    task: str
+    data: str | Path
+    dev: str | Path | None
+    dev_fraction: float
+    fields: Fields | None
+    lm_coef: float
+    epochs: float
+    epochs_given: bool
+
+
+def _plan(st: Start, data, task, dev, dev_fraction, fields, lm_coef, epochs, init_from, init, preset_name,
+          model_overrides) -> Plan:
+    if st.resume:
+        saved_task, saved_data = st.section("task"), st.section("data")
+        if task is not None and task != saved_task.get("type"):
+            raise GptlabError(f"{st.out} was fine-tuned for {saved_task.get('type')}; cannot resume it as {task}")
+        if dev is not None and str(Path(dev).resolve()) != str(saved_data.get("dev")):
+            # a different dev split changes the training set, so the resumed batches would not be the original's
+            raise GptlabError(f"{st.out} was fine-tuned with dev {saved_data.get('dev') or f'split off --data'}; "
+                              "resume without --dev (or with the same one)")
+        if model_overrides:
+            raise GptlabError("--model.* options cannot change a run being resumed; they were fixed when it started")
+        kept = Fields(**saved_task.get("fields", {}))  # the saved mapping, field by field unless given again
+        return Plan(saved_task["type"], data or saved_data.get("train"), saved_data.get("dev"),
+                    saved_data.get("dev_fraction", 0.1) if dev_fraction is None else dev_fraction,
+                    Fields(**{k: getattr(fields, k, None) or v for k, v in kept.to_dict().items()}),
+                    saved_task.get("lm_coef", LM_COEF) if lm_coef is None else lm_coef,
+                    saved_task.get("epochs", EPOCHS) if epochs is None else epochs, epochs is not None)
+    if init_from is None and init is None:
+        raise GptlabError("finetune needs --from RUN_DIR (a pretrained run) or --init random --preset P")
+    if init is not None and init != "random":
+        raise GptlabError(f"--init must be 'random', got {init!r}")
+    if init == "random" and not preset_name and init_from is None:
+        raise GptlabError("--init random needs --preset (the architecture to initialise), or --from RUN_DIR "
+                          "to take that run's architecture and tokenizer")
+    if init_from is not None and preset_name:
+        raise GptlabError("--preset goes with --init random alone; with --from the run fixes the architecture")
+    return Plan(check_task(task or "classification"), data, dev, 0.1 if dev_fraction is None else dev_fraction,
+                fields, LM_COEF if lm_coef is None else lm_coef, EPOCHS if epochs is None else epochs,
+                epochs is not None)
+
+
+def _start_model(st: Start, plan: Plan, labels, texts, init_from, init, preset_name, tokenizer, model_overrides,
+                 quiet) -> tuple[GPT, Tokenizer, str]:
+    """The model (with the task tokens and head) and tokenizer: resumed, pretrained, or a random init."""
+    if st.resume:
+        tok = load_tokenizer(st.out / st.saved.get("tokenizer", TOKENIZER_FILE))
+        return GPT(GPTConfig.from_dict(st.saved["model"])), tok, f"resumed {st.out}"
+    if init_from is not None:
+        model, tok = load_pretrained(init_from, model_overrides)
+        origin = f"pretrained run {init_from}"
+        if init == "random":  # same architecture and tokenizer, fresh weights
+            model, origin = GPT(model.cfg), f"random init with the architecture and tokenizer of {init_from}"
+    else:  # char / bpe:N are built from train + dev texts (no labels), so a char vocabulary covers dev too
+        tok = build_tokenizer(tokenizer, texts(), progress=not quiet)
+        model, origin = random_model(preset_name, tok, model_overrides), f"random init, preset {preset_name}, tokenizer {tokenizer}"
+    tok, _ = add_task_tokens(tok, model)
+    model.add_head(HEAD_OF_TASK[plan.task], len(labels) if labels else 1, model.cfg.head_pdrop)
+    return model, tok, origin
+
+
+def _report(model, origin, plan: Plan, cfg: TrainConfig, labels, n_train: int, n_dev: int, T: int, world: int, device):
+    print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · head {model.cfg.head}"
+          f"×{model.cfg.head_out} · context {T} · special tokens {', '.join(TASK_TOKENS)}")
+    print(f"task: {plan.task} · {n_train:,} train / {n_dev:,} dev examples"
+          + (f" · labels {labels}" if labels else "") + f" · λ (lm_coef) {plan.lm_coef:g}")
+    print(f"train: recipe {cfg.recipe} · batch {cfg.batch_size}×{cfg.grad_accum}×{world} · lr {cfg.lr:g} "
+          f"linear, warmup {cfg.warmup_iters} · {cfg.max_iters} steps "
+          f"({cfg.max_iters * cfg.batch_size * cfg.grad_accum * world / n_train:.2f} epochs) · {cfg.dtype} on {device}")
+
+
 def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str | None = None,
              init_from: str | Path | None = None, init: str | None = None, preset_name: str | None = None,
              tokenizer: str = "gpt2", dev: str | Path | None = None, dev_fraction: float | None = None,
@@ -262,164 +249,79 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
     (`init="random"`, with `tokenizer`: gpt2 | char | bpe:N trained on the training texts | a path).
     Both `init_from` and `init="random"`: the run's architecture and tokenizer with random weights (the
     like-for-like no-pretraining ablation). -> the engine's final metrics (loss, val_loss, val_acc, step, ...)."""
-    out = Path(out_dir)
-    saved: dict = {}
-    if resume:
-        saved = read_run_config(out)
-        if saved.get("stage") != "finetune":
-            raise GptlabError(f"{out} holds a {saved.get('stage')!r} run, not a finetune run; --resume continues a fine-tune")
-        st, sd_ = saved.get("task", {}), saved.get("data", {})
-        if task is not None and task != st.get("type"):
-            raise GptlabError(f"{out} was fine-tuned for {st.get('type')}; cannot resume it as {task}")
-        task, data = st["type"], data or sd_.get("train")
-        if dev is not None and str(Path(dev).resolve()) != str(sd_.get("dev")):
-            # a different dev split changes the training set, so the resumed batches would not be the original's
-            raise GptlabError(f"{out} was fine-tuned with dev {sd_.get('dev') or f'split off --data'}; "
-                              "resume without --dev (or with the same one)")
-        if model_overrides:
-            raise GptlabError("--model.* options cannot change a run being resumed; they were fixed when it started")
-        dev = sd_.get("dev")
-        dev_fraction = sd_.get("dev_fraction", 0.1) if dev_fraction is None else dev_fraction
-        kept = Fields(**st.get("fields", {}))  # the saved mapping, field by field unless given again
-        fields = Fields(**{k: getattr(fields, k, None) or v for k, v in kept.to_dict().items()})
-        lm_coef = st.get("lm_coef", LM_COEF) if lm_coef is None else lm_coef
-        epochs_given = epochs is not None
-        epochs = st.get("epochs", EPOCHS) if epochs is None else epochs
-    else:
-        if (out / LATEST_FILE).exists():
-            raise GptlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if init_from is None and init is None:
-            raise GptlabError("finetune needs --from RUN_DIR (a pretrained run) or --init random --preset P")
-        if init is not None and init != "random":
-            raise GptlabError(f"--init must be 'random', got {init!r}")
-        if init == "random" and not preset_name and init_from is None:
-            raise GptlabError("--init random needs --preset (the architecture to initialise), or --from RUN_DIR "
-                              "to take that run's architecture and tokenizer")
-        if init_from is not None and preset_name:
-            raise GptlabError("--preset goes with --init random alone; with --from the run fixes the architecture")
-        task = check_task(task or "classification")
-        dev_fraction = 0.1 if dev_fraction is None else dev_fraction
-        lm_coef = LM_COEF if lm_coef is None else lm_coef
-        epochs_given, epochs = epochs is not None, EPOCHS if epochs is None else epochs
-    if not data:
+    st = begin(out_dir, "finetune", resume)
+    plan = _plan(st, data, task, dev, dev_fraction, fields, lm_coef, epochs, init_from, init, preset_name, model_overrides)
+    if not plan.data:
         raise GptlabError("finetune needs --data (a JSONL, CSV or TSV file of labelled examples)")
-    if not (isinstance(lm_coef, (int, float)) and math.isfinite(lm_coef) and lm_coef >= 0):
-        raise GptlabError(f"--lm-coef must be a finite number ≥ 0, got {lm_coef!r}")
+    if not (isinstance(plan.lm_coef, (int, float)) and math.isfinite(plan.lm_coef) and plan.lm_coef >= 0):
+        raise GptlabError(f"--lm-coef must be a finite number ≥ 0, got {plan.lm_coef!r}")
+    cfg, given = resolve_train(RECIPE, FINETUNE_RECIPE, *st.train_layers(*train_layers, section="task",
+                                                                          epochs_given=plan.epochs_given))
+    examples, fields = load_examples(plan.data, plan.task, plan.fields)
+    train_ex, dev_ex = (examples, load_examples(plan.dev, plan.task, fields)[0]) if plan.dev else \
+        split_dev(examples, plan.dev_fraction, cfg.seed)
+    labels = _labels_of(plan.task, train_ex, st.section("task").get("labels") if resume else None)
+    train_y, dev_y = label_ids(plan.task, train_ex, labels, str(plan.data)), label_ids(plan.task, dev_ex, labels, str(plan.dev or plan.data))
 
-    # --- data --------------------------------------------------------------------------------
-    train_layers = tuple(train_layers)
-    if resume:
-        saved_train = dict(saved.get("train", {}))
-        if epochs_given and not any("max_iters" in layer for layer in train_layers):
-            saved_train.pop("max_iters", None)
-            saved_train.pop("warmup_iters", None)
-        train_layers = (saved_train, *train_layers)
-    cfg, given = resolve_finetune_config(*train_layers)
-    examples, fields = load_examples(data, task, fields)
-    if dev:
-        train_ex = examples
-        dev_ex, _ = load_examples(dev, task, fields)
-    else:
-        train_ex, dev_ex = split_dev(examples, dev_fraction, cfg.seed)
-    labels = _labels_of(task, train_ex, saved.get("task", {}).get("labels") if resume else None)
-    train_y = label_ids(task, train_ex, labels, str(data))
-    dev_y = label_ids(task, dev_ex, labels, str(dev or data))
-
-    # --- model and tokenizer: the task tokens and the head are added here ---------------------
     torch.manual_seed(cfg.seed)  # same init (new embedding rows, head) on every rank
-    if resume:
-        tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
-        model = GPT(GPTConfig.from_dict(saved["model"]))
-        origin = f"resumed {out}"
-    else:
-        if init_from is not None:
-            model, tok = load_pretrained(init_from, model_overrides)
-            origin = f"pretrained run {init_from}"
-            if init == "random":  # same architecture and tokenizer, fresh weights
-                model = GPT(model.cfg)
-                origin = f"random init with the architecture and tokenizer of {init_from}"
-        else:
-            # char / bpe:N are built from train + dev texts (no labels), so a char vocabulary covers dev too
-            texts = [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]
-            base = build_tokenizer(tokenizer, texts, progress=not quiet)
-            model = random_model(preset_name, base, model_overrides)
-            tok = base
-            origin = f"random init, preset {preset_name}, tokenizer {tokenizer}"
-        tok, _ = add_task_tokens(tok, model)
-        model.add_head(HEAD_OF_TASK[task], len(labels) if labels else 1, model.cfg.head_pdrop)
+    texts = lambda: [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]  # noqa: E731
+    model, tok, origin = _start_model(st, plan, labels, texts, init_from, init, preset_name, tokenizer, model_overrides, quiet)
     check_vocab(model.cfg, tok, "finetune")
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg = dataclasses.replace(cfg, block_size=T)
-    train_seqs = encode_examples(task, train_ex, tok, T)
-    dev_seqs = encode_examples(task, dev_ex, tok, T)
+    train_seqs, dev_seqs = encode_examples(plan.task, train_ex, tok, T), encode_examples(plan.task, dev_ex, tok, T)
 
     info, device = D.init_distributed(cfg.device)
-    cfg = schedule_for(cfg, given, len(train_ex), epochs, info.world)
+    cfg = schedule(cfg, given, len(train_ex), plan.epochs, WARMUP_FRACTION, info.world)
     model = model.to(device)
-    task_cfg = {"type": task, "fields": fields.to_dict(), "labels": labels, "lm_coef": lm_coef, "epochs": epochs,
-                "n_train": len(train_ex), "n_dev": len(dev_ex)}
     if info.is_main:
-        init_cfg = saved.get("init") if resume else (
+        init_cfg = st.saved.get("init") if resume else (
             {"from": str(Path(init_from).resolve()), "weights": "random" if init == "random" else "pretrained"}
-            if init_from is not None
-            else {"random": preset_name, "tokenizer": tokenizer})
-        write_run_config(out, model.cfg, tok, stage="finetune", train=cfg.to_dict(), task=task_cfg, init=init_cfg,
-                         data={"train": str(Path(data).resolve()), "dev": str(Path(dev).resolve()) if dev else None,
-                               "dev_fraction": 0.0 if dev else dev_fraction})
+            if init_from is not None else {"random": preset_name, "tokenizer": tokenizer})
+        write_run_config(st.out, model.cfg, tok, stage="finetune", train=cfg.to_dict(), init=init_cfg,
+                         task={"type": plan.task, "fields": fields.to_dict(), "labels": labels, "lm_coef": plan.lm_coef,
+                               "epochs": plan.epochs, "n_train": len(train_ex), "n_dev": len(dev_ex)},
+                         data={"train": str(Path(plan.data).resolve()), "dev": str(Path(plan.dev).resolve()) if plan.dev else None,
+                               "dev_fraction": 0.0 if plan.dev else plan.dev_fraction})
         if not quiet:
-            print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · head {model.cfg.head}"
-                  f"×{model.cfg.head_out} · context {T} · special tokens {', '.join(TASK_TOKENS)}")
-            print(f"task: {task} · {len(train_ex):,} train / {len(dev_ex):,} dev examples"
-                  + (f" · labels {labels}" if labels else "") + f" · λ (lm_coef) {lm_coef:g}")
-            print(f"train: recipe {cfg.recipe} · batch {cfg.batch_size}×{cfg.grad_accum}×{info.world} · lr {cfg.lr:g} "
-                  f"linear, warmup {cfg.warmup_iters} · {cfg.max_iters} steps "
-                  f"({cfg.max_iters * cfg.batch_size * cfg.grad_accum * info.world / len(train_ex):.2f} epochs) · "
-                  f"{cfg.dtype} on {device}")
+            _report(model, origin, plan, cfg, labels, len(train_ex), len(dev_ex), T, info.world, device)
     D.barrier(info)
+    result = _train(model, cfg, st, plan, tok, train_seqs, train_y, dev_seqs, dev_y, info, device)
+    if info.is_main and not quiet:
+        acc = result.get("val_acc")
+        print(f"done: step {result['step']}" + (f" · dev accuracy {acc:.4f} · dev task loss {result['val_loss']:.4f}"
+                                                 if acc is not None else "") + f" · run dir {st.out}")
+    return result
 
-    pad = tok.eot_id
+
+def _train(model, cfg: TrainConfig, st: Start, plan: Plan, tok, train_seqs, train_y, dev_seqs, dev_y, info, device) -> dict:
+    """Batches (each micro-batch weighted by its share of the step's LM tokens), dev evaluation, the engine."""
+    pad, T = tok.eot_id, cfg.block_size
     pad_multiple = 64 if cfg.compile else 1  # compiled graphs are specialised on the sequence length
     order = EpochOrder(len(train_seqs), cfg.seed)
-    tokens_per_sample = max(1, round(sum(len(s) for ex in train_seqs for s in ex) / len(train_seqs)))
-
-    def lm_tokens(i: int) -> int:  # LM targets of example i: every sequence predicts its tokens after the first
-        return sum(len(q) - 1 for q in train_seqs[i])
+    lm_tokens = lambda i: sum(len(q) - 1 for q in train_seqs[i])  # noqa: E731  every sequence predicts its tokens after the first
 
     def batch_fn(step: int, sl: slice, n_global: int) -> Batch:
         idx = order.indices(step, sl, n_global)
         b = collate([train_seqs[i] for i in idx], [train_y[i] for i in idx], pad, device, pad_multiple, T)
-        # The engine averages micro-batch losses over micro-steps and processes. Sequences vary in length, so
-        # weight each micro-batch's mean LM loss by its share of the step's LM tokens: the result is the mean
-        # over all of the step's tokens, the same whether 1 process or N take the global batch.
-        step_tokens = sum(lm_tokens(i) for i in order.indices(step, slice(0, n_global), n_global))
-        micro = n_global // len(idx)
-        return b._replace(lm_weight=sum(lm_tokens(i) for i in idx) * micro / max(step_tokens, 1))
+        return b._replace(lm_weight=order.micro_weight(step, sl, n_global, lm_tokens))
 
-    # dev batches: a fixed random subset of eval_iters batches for the periodic evals, everything at the end;
-    # sorted by length so each batch pads little
-    g = torch.Generator().manual_seed(cfg.seed)
-    subset = torch.randperm(len(dev_seqs), generator=g)[: cfg.eval_iters * cfg.batch_size].tolist()
+    [subset] = eval_subsets(cfg.seed, (len(dev_seqs), cfg.eval_iters * cfg.batch_size))
 
-    def dev_batches(idx: list[int]):
+    def dev_batches(idx: list[int]):  # sorted by length so each batch pads little
         idx = sorted(idx, key=lambda i: max(len(s) for s in dev_seqs[i]))
         for k in range(0, len(idx), cfg.batch_size):
             chunk = idx[k:k + cfg.batch_size]
             yield collate([dev_seqs[i] for i in chunk], [dev_y[i] for i in chunk], pad, device, pad_multiple, T)
 
-    loss = FinetuneLoss(model, task, lm_coef)
+    loss = FinetuneLoss(model, plan.task, plan.lm_coef)
 
     def eval_fn(m: torch.nn.Module, final: bool) -> dict:
         return loss.evaluate(m, dev_batches(list(range(len(dev_seqs))) if final else subset))
 
+    tokens_per_sample = max(1, round(sum(len(s) for ex in train_seqs for s in ex) / len(train_seqs)))
     try:
-        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=tokens_per_sample, loss_fn=loss,
-                          eval_fn=eval_fn if dev_seqs else None, dist_info=info, device=device, resume=resume)
-        result = trainer.fit()
+        return fit(model, cfg, st.out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=loss,
+                   eval_fn=eval_fn if dev_seqs else None, device=device, resume=st.resume)
     finally:
         loss.close()
-        D.cleanup(info)
-    if info.is_main and not quiet:
-        acc = result.get("val_acc")
-        print(f"done: step {result['step']}" + (f" · dev accuracy {acc:.4f} · dev task loss {result['val_loss']:.4f}"
-                                                 if acc is not None else "") + f" · run dir {out}")
-    return result

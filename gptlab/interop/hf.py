@@ -24,7 +24,7 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, write_run_config
 from gptlab.tokenizer import EOT, BPETokenizer, Tokenizer, build_tokenizer
 from gptlab.tokenizer.bpe import GPT2_PATTERN
-from gptlab.train.checkpoint import MODEL_FILE, load_state_into, model_state, read_safetensors, save_model
+from gptlab.run.format import MODEL_FILE, load_state_into, model_state, read_safetensors, save_model
 from gptlab.fileio import read_json
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
@@ -257,6 +257,7 @@ def import_hf(hf_dir, out_run_dir, tokenizer: str | None = None) -> Path:
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device="cpu")
+    model.tie_weights()
     load_state_into(model, sd, d / weights)  # names and shapes checked: one-line errors
     source = {"format": "huggingface", "model_type": mt, "path": str(d.resolve()), "weights": weights,
               "tokenizer": tok_src}

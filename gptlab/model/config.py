@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from gptlab.config import coerce
 from gptlab.errors import GptlabError
 
 ATTENTION_KINDS = ("dense", "local", "strided", "fixed")
@@ -146,6 +147,4 @@ PAPER_PARAMS = {
 def preset(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
         raise GptlabError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    from gptlab.train.config import coerce_fields
-
-    return GPTConfig(**{**PRESETS[name], **coerce_fields(GPTConfig, overrides, "model")})
+    return GPTConfig(**{**PRESETS[name], **coerce(GPTConfig, overrides, "model")})

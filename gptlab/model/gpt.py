@@ -61,8 +61,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie_weights()
         if cfg.head:  # task head (GPT-1 fine-tuning): W_y over the final hidden state at the extract token
             self.head = self._make_head(cfg)
         self.apply(self._init_weights)
@@ -107,12 +106,17 @@ class GPT(nn.Module):
 
         self.wte.weight = grow(self.wte.weight)
         self.wte.num_embeddings = new_vocab
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        else:
+        if not self.cfg.tie_embeddings:
             self.lm_head.weight = grow(self.lm_head.weight)
+        self.tie_weights()
         self.lm_head.out_features = new_vocab
         self.cfg.vocab_size = new_vocab
+
+    def tie_weights(self) -> None:
+        """GPT-2's weight tying: the LM head is the token embedding (one tensor, saved once). Again after
+        anything that gives them separate tensors (to_empty, replacing wte)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
     @staticmethod
     def _make_head(cfg: GPTConfig) -> nn.Sequential:

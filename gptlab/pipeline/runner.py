@@ -11,7 +11,7 @@ from gptlab.errors import GptlabError
 from gptlab.pipeline.config import PipelineConfig
 from gptlab.pipeline.stages import SECTION, STAGE_NAMES, STAGES, Ctx, Stage, stage
 from gptlab.pipeline.state import PipelineState, stage_hash
-from gptlab.train.checkpoint import LATEST_FILE
+from gptlab.run.format import LATEST_FILE
 from gptlab.fileio import atomic_write_json
 
 

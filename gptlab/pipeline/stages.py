@@ -73,7 +73,7 @@ def _prepare(ctx: Ctx, c: dict, resume: bool) -> dict:
 
 def _pretrain(ctx: Ctx, c: dict, resume: bool) -> dict:
     from gptlab.run import read_run_config
-    from gptlab.train.pretrain import pretrain
+    from gptlab.pretrain import pretrain
 
     out = ctx.dir("pretrain")
     r = pretrain(str(ctx.dir("data")), str(out), preset_name=c.get("preset", "small-4x128"),

@@ -1,9 +1,6 @@
-"""The one checkpoint format: safetensors for every tensor, JSON for everything else, atomic writes.
+"""Training checkpoints inside a run directory (gptlab.run.format): safetensors for every tensor (weights,
+optimizer state, RNG states), JSON for everything else, atomic writes.
 
-run_dir/
-  config.json               model config + what produced it ("format": "gptlab-run")
-  model.safetensors         latest good weights (what every other command loads)
-  tokenizer.gptlab.json     the tokenizer
   checkpoints/step_0000500/ model.safetensors, optimizer.safetensors (+ RNG states), state.json
   latest.json               which checkpoint --resume continues from
 
@@ -19,14 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write, atomic_write_json, read_json  # noqa: F401  (re-exported)
-
-RUN_FORMAT, RUN_VERSION = "gptlab-run", 1
-MODEL_FILE, CONFIG_FILE, LATEST_FILE = "model.safetensors", "config.json", "latest.json"
+from gptlab.fileio import atomic_write, atomic_write_json, read_json
+from gptlab.run.format import LATEST_FILE, MODEL_FILE, read_safetensors
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,47 +35,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def read_safetensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise GptlabError(f"{what} not found: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GptlabError(f"{what} {path} is corrupt or truncated ({e}); it is not a readable safetensors file") from None
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: the tied LM head is stored once (as wte.weight)."""
-    sd = model.state_dict()
-    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
-
-
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    sd = model_state(model)
-    atomic_write(path, lambda p: save_file(sd, p, metadata={"format": "gptlab"}))
-
-
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load weights with shape and key checks; a foreign or mismatched file is a one-line error."""
-    load_state_into(model, read_safetensors(path, "model weights"), path)
-
-
-def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> None:
-    expected = model_state(model)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise GptlabError(f"{path} does not match this model (not a gptlab checkpoint of this config?): "
-                          f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
-                          f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}")
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            hint = " (tokenizer/model vocab mismatch)" if k == "wte.weight" else ""
-            raise GptlabError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}{hint}")
-    model.load_state_dict(sd, strict=not getattr(model.cfg, "tie_embeddings", False))
 
 
 # --- optimizer and trainer state -----------------------------------------------------------------

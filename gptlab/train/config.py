@@ -4,60 +4,57 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from gptlab.config import coerce, field
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
-    recipe: str = _f("gpt3", "recipe whose defaults fill unset keys: gpt1 | gpt3 | nanogpt")
+    recipe: str = field("gpt3", "recipe whose defaults fill unset keys: gpt1 | gpt3 | nanogpt")
     # length
-    max_iters: int = _f(2000, "optimizer steps to run")
-    max_tokens: int = _f(0, "stop after this many training tokens (0 = off)")
+    max_iters: int = field(2000, "optimizer steps to run")
+    max_tokens: int = field(0, "stop after this many training tokens (0 = off)")
     # batch: global batch = batch_size × grad_accum × world_size sequences of block_size tokens
-    batch_size: int = _f(12, "micro-batch sequences per process")
-    block_size: int = _f(0, "sequence length; 0 = the model's context")
-    grad_accum: int = _f(1, "micro-steps per optimizer step at the full batch")
-    batch_warmup_tokens: int = _f(0, "GPT-3 batch warmup: grow the batch linearly over this many tokens (0 = off)")
-    batch_start_tokens: int = _f(32768, "batch size in tokens at the start of the batch warmup")
+    batch_size: int = field(12, "micro-batch sequences per process")
+    block_size: int = field(0, "sequence length; 0 = the model's context")
+    grad_accum: int = field(1, "micro-steps per optimizer step at the full batch")
+    batch_warmup_tokens: int = field(0, "GPT-3 batch warmup: grow the batch linearly over this many tokens (0 = off)")
+    batch_start_tokens: int = field(32768, "batch size in tokens at the start of the batch warmup")
     # optimizer (AdamW; no weight decay on biases and LayerNorm gains)
-    lr: float = _f(6e-4, "max learning rate")
-    min_lr_ratio: float = _f(0.1, "final lr as a fraction of max (GPT-3: 0.1, GPT-1: 0)")
-    schedule: str = _f("cosine", "cosine | linear | constant decay after warmup")
-    warmup_iters: int = _f(100, "linear warmup steps (ignored when warmup_tokens > 0)")
-    warmup_tokens: int = _f(0, "linear warmup measured in tokens (GPT-3: 375M)")
-    decay_iters: int = _f(0, "steps until lr reaches min (0 = max_iters)")
-    decay_tokens: int = _f(0, "tokens until lr reaches min (GPT-3: 260B); used when > 0")
-    weight_decay: float = _f(0.1, "decoupled weight decay on matrices and embeddings")
-    beta1: float = _f(0.9, "Adam beta1")
-    beta2: float = _f(0.95, "Adam beta2")
-    eps: float = _f(1e-8, "Adam epsilon")
-    grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)")
+    lr: float = field(6e-4, "max learning rate")
+    min_lr_ratio: float = field(0.1, "final lr as a fraction of max (GPT-3: 0.1, GPT-1: 0)")
+    schedule: str = field("cosine", "cosine | linear | constant decay after warmup")
+    warmup_iters: int = field(100, "linear warmup steps (ignored when warmup_tokens > 0)")
+    warmup_tokens: int = field(0, "linear warmup measured in tokens (GPT-3: 375M)")
+    decay_iters: int = field(0, "steps until lr reaches min (0 = max_iters)")
+    decay_tokens: int = field(0, "tokens until lr reaches min (GPT-3: 260B); used when > 0")
+    weight_decay: float = field(0.1, "decoupled weight decay on matrices and embeddings")
+    beta1: float = field(0.9, "Adam beta1")
+    beta2: float = field(0.95, "Adam beta2")
+    eps: float = field(1e-8, "Adam epsilon")
+    grad_clip: float = field(1.0, "global grad-norm clip (0 = off)")
     # numerics and speed
-    dtype: str = _f("auto", "compute dtype: auto (bf16 where this GPU/CPU runs it natively and faster) | bfloat16 | float32")
-    compile: bool = _f(False, "torch.compile the model")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    seed: int = _f(1337, "seed for init, data order and dropout")
+    dtype: str = field("auto", "compute dtype: auto (bf16 where this GPU/CPU runs it natively and faster) | bfloat16 | float32")
+    compile: bool = field(False, "torch.compile the model")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = field(1337, "seed for init, data order and dropout")
     # distributed (under torchrun)
-    distributed: str = _f("ddp", "ddp | fsdp (FSDP2 shards params, grads and optimizer state)")
+    distributed: str = field("ddp", "ddp | fsdp (FSDP2 shards params, grads and optimizer state)")
     # eval, logging, checkpoints
-    eval_interval: int = _f(250, "evaluate every N steps (0 = only at the end)")
-    eval_iters: int = _f(20, "batches per periodic eval (the final eval covers the whole val split)")
-    sample_interval: int = _f(0, "print a text sample every N steps (0 = off)")
-    sample_tokens: int = _f(100, "tokens per text sample")
-    log_interval: int = _f(10, "log loss/lr/tokens-per-second/MFU every N steps")
-    checkpoint_interval: int = _f(500, "save a checkpoint every N steps (and at the end)")
-    keep_last: int = _f(2, "checkpoints to keep")
-    peak_flops: float = _f(0.0, "declared peak FLOP/s per device for MFU (0 = measure a matmul)")
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs `pip install gptlab[tensorboard]`)")
+    eval_interval: int = field(250, "evaluate every N steps (0 = only at the end)")
+    eval_iters: int = field(20, "batches per periodic eval (the final eval covers the whole val split)")
+    sample_interval: int = field(0, "print a text sample every N steps (0 = off)")
+    sample_tokens: int = field(100, "tokens per text sample")
+    log_interval: int = field(10, "log loss/lr/tokens-per-second/MFU every N steps")
+    checkpoint_interval: int = field(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = field(2, "checkpoints to keep")
+    peak_flops: float = field(0.0, "declared peak FLOP/s per device for MFU (0 = measure a matmul)")
+    tensorboard: bool = field(False, "also log to TensorBoard (needs `pip install gptlab[tensorboard]`)")
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype, TRAIN_DTYPES, "train.dtype")
@@ -92,34 +89,21 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def resolve_train(recipe_name: str, recipe: dict, *layers: dict) -> tuple[TrainConfig, set[str]]:
+    """TrainConfig defaults ← recipe ← each layer (saved run, YAML, flags) -> (config, the keys the layers set).
+    The one resolution every training stage uses."""
+    merged: dict = {**recipe}
+    given: set[str] = set()
+    for layer in layers:
+        vals = coerce(TrainConfig, {k: v for k, v in (layer or {}).items() if k != "recipe"}, "train")
+        merged.update(vals)
+        given |= set(vals)
+    merged["recipe"] = recipe_name
+    return TrainConfig(**merged), given
+
+
 def resolve_train_config(recipe: str, *layers: dict) -> TrainConfig:
-    """defaults ← RECIPES[recipe] ← each layer (YAML, then CLI) → TrainConfig."""
+    """A named recipe of RECIPES ← layers (see resolve_train)."""
     if recipe not in RECIPES:
         raise GptlabError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    merged: dict = {"recipe": recipe, **RECIPES[recipe]}
-    for layer in layers:
-        merged.update(coerce_fields(TrainConfig, layer, "train"))
-    merged["recipe"] = recipe
-    return TrainConfig(**merged)
-
-
-def coerce_fields(cls, values: dict, section: str) -> dict:
-    """Check keys against a dataclass and coerce values (YAML reads `6e-4` as a string) to field types."""
-    from gptlab.config import parse_value
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise GptlabError(f"unknown {section} config keys: {', '.join(sorted(unknown))}")
-    out = {}
-    for k, v in values.items():
-        default = fields[k].default
-        if isinstance(default, tuple) and isinstance(v, list):
-            v = tuple(v)
-        elif not isinstance(v, type(default)) or (type(default) is int and isinstance(v, bool)):
-            try:
-                v = parse_value(default, str(v))
-            except GptlabError as e:
-                raise GptlabError(f"{section}.{k}: {e}") from None
-        out[k] = v
-    return out
+    return resolve_train(recipe, RECIPES[recipe], *layers)[0]

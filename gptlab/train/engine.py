@@ -21,7 +21,8 @@ from tqdm import tqdm
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, autocast, linear_shape, peak_flops, resolve_dtype, tune_cpu_allocator
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import CheckpointManager, load_state_into
+from gptlab.run.format import load_state_into, tied_names
+from gptlab.train.checkpoint import CheckpointManager
 from gptlab.train.config import TrainConfig
 from gptlab.train.metrics import MetricsLogger, plot_loss
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
@@ -141,8 +142,8 @@ class Trainer:
         rngs = D.gather_objects(torch.get_rng_state(), self.info)
         cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
         if self.info.is_main:
-            if getattr(getattr(self.raw, "cfg", None), "tie_embeddings", False):
-                model_sd = {k: v for k, v in model_sd.items() if k != "lm_head.weight"}
+            tied = tied_names(self.raw)  # a tied LM head is stored once, as the tensor it shares
+            model_sd = {k: v for k, v in model_sd.items() if k not in tied}
             extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
             export = None
             if self.export_fn is not None:

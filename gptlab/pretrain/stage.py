@@ -12,24 +12,14 @@ import torch
 
 from gptlab.data.loader import TokenData
 from gptlab.errors import GptlabError
-from gptlab.model import GPT, GPTConfig, preset
-from gptlab.run import check_vocab, read_run_config, write_run_config
+from gptlab.model import GPT, GPTConfig
+from gptlab.run import check_vocab, write_run_config
 from gptlab.sample import sample
+from gptlab.stage import begin, fit
+from gptlab.stage.models import build_model_config
 from gptlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.train.checkpoint import LATEST_FILE
-from gptlab.train.config import TrainConfig, resolve_train_config
-from gptlab.train.engine import Trainer
-
-
-def build_model_config(preset_name: str, model_overrides: dict, vocab_size: int) -> GPTConfig:
-    """Preset ← overrides; the vocabulary comes from the tokenizer unless set explicitly."""
-    overrides = dict(model_overrides)
-    overrides.setdefault("vocab_size", vocab_size)
-    cfg = preset(preset_name, **overrides)
-    if cfg.head:
-        raise GptlabError("pretraining trains the LM head only; task heads are added by `gptlab finetune`")
-    return cfg
+from gptlab.train.config import RECIPES, TrainConfig, resolve_train
 
 
 @torch.no_grad()
@@ -42,29 +32,30 @@ def _eval_loss(model: GPT, batches) -> float:
     return total / max(n, 1)
 
 
-def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", recipe: str = "gpt3",
+def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", recipe: str = "nanogpt",
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
              quiet: bool = False) -> dict:
     data = TokenData(data_dir)
     tok = data.tokenizer()
-    out = Path(out_dir)
+    st = begin(out_dir, "pretrain", resume)
+    out = st.out
     if resume:  # the saved run config wins for the model; train keys may be changed (e.g. more steps)
-        saved = read_run_config(out)
-        saved_tok = load_tokenizer(out / saved.get("tokenizer", TOKENIZER_FILE))
+        saved_tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         if saved_tok.to_dict() != tok.to_dict():
             raise GptlabError(f"{data_dir} was tokenized with a different tokenizer than the run in {out}; "
                               "resume with the data the run was trained on")
-        model_cfg = GPTConfig.from_dict(saved["model"])
-        recipe = saved.get("train", {}).get("recipe", recipe)
-        train_layers = ({k: v for k, v in saved.get("train", {}).items() if k != "recipe"}, *train_layers)
+        model_cfg = GPTConfig.from_dict(st.saved["model"])
+        recipe = st.saved.get("train", {}).get("recipe", recipe)
     else:
-        if (out / LATEST_FILE).exists():
-            raise GptlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         model_cfg = build_model_config(preset_name, model_overrides or {}, tok.vocab_size)
+        if model_cfg.head:
+            raise GptlabError("pretraining trains the LM head only; task heads are added by `gptlab finetune`")
     check_vocab(model_cfg, tok, "pretrain")
     if data.vocab_size != tok.vocab_size:
         raise GptlabError(f"data in {data_dir} was tokenized with vocab {data.vocab_size}, its tokenizer has {tok.vocab_size}")
-    cfg: TrainConfig = resolve_train_config(recipe, *train_layers)
+    if recipe not in RECIPES:
+        raise GptlabError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    cfg: TrainConfig = resolve_train(recipe, RECIPES[recipe], *st.train_layers(*train_layers))[0]
     T = cfg.block_size or model_cfg.block_size
     if T > model_cfg.block_size:
         raise GptlabError(f"train.block_size {T} exceeds the model context {model_cfg.block_size}")
@@ -102,12 +93,8 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
         start = torch.tensor([[tok.eot_id]], device=device)
         return tok.decode(sample(m, start, cfg.sample_tokens, 0.8, 200, generator=g)[0, 1:].tolist())
 
-    try:
-        trainer = Trainer(model, cfg, out, batch_fn, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
-                          dist_info=info, device=device, resume=resume)
-        result = trainer.fit()
-    finally:
-        D.cleanup(info)
+    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
+                 device=device, resume=resume)
     if info.is_main and not quiet:
         vl = result.get("val_loss", float("nan"))
         print(f"done: step {result['step']} · val loss {vl:.4f} (ppl {math.exp(min(vl, 50)):.2f}) on the whole val split"

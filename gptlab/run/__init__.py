@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -13,7 +15,27 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.runtime import linear_shape, resolve_dtype
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.fileio import atomic_write_json, read_json
-from gptlab.train.checkpoint import CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, load_model_weights
+from gptlab.run.format import CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, load_model_weights
+
+
+# Config sections whose layers another package rebuilds in their stored layout before the weights load
+# (quantized layers): section -> the module that registers the hook (`register_layout`) when imported. It
+# is imported by name when such a run is loaded, so this module depends on none of them.
+LAYOUT_PROVIDERS = {"compression": "gptlab.compress.format"}
+_LAYOUT_HOOKS: dict[str, Callable[[GPT, dict, str], None]] = {}
+
+
+def register_layout(section: str, hook: Callable[[GPT, dict, str], None]) -> None:
+    """hook(model on the meta device, config[section], where) swaps in the layers the weights were saved from."""
+    _LAYOUT_HOOKS[section] = hook
+
+
+def _prepare_layers(model: GPT, cfg: dict, where: str) -> None:
+    for section, provider in LAYOUT_PROVIDERS.items():
+        if section in cfg:
+            if section not in _LAYOUT_HOOKS:
+                importlib.import_module(provider)
+            _LAYOUT_HOOKS[section](model, cfg[section], where)
 
 
 @dataclass
@@ -62,14 +84,10 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     check_vocab(model_cfg, tok, str(run_dir))
     with torch.device("meta"):
         model = GPT(model_cfg)
-    if "compression" in cfg:  # quantized layers are rebuilt in their stored layout before the weights load
-        from gptlab.compress.format import prepare_model
-
-        prepare_model(model, cfg["compression"], str(run_dir))
+    _prepare_layers(model, cfg, str(run_dir))
     model = model.to_empty(device=device)
+    model.tie_weights()
     load_model_weights(model, run_dir / MODEL_FILE)
-    if model_cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
     if dtype is not None:
         model = model.to(resolve_dtype(dtype, device, linear_shape(model, rows)))
     return Run(model.eval(), tok, cfg, run_dir)
