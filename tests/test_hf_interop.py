@@ -18,7 +18,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, import_hf
-from gptlab.interop.cli import add_convert_parser, run_convert
+from gptlab.interop.cli import add_convert_parser, cmd_convert
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import load_run, write_run_config
 from gptlab.generate import Generator, SamplingParams
@@ -239,7 +239,7 @@ def test_gpt1_import_and_export(tmp_path, trained_bpe):
 def _cli(*argv: str) -> None:
     p = argparse.ArgumentParser(prog="gptlab")
     add_convert_parser(p.add_subparsers(dest="cmd", required=True))
-    run_convert(p.parse_args(["convert", *argv]))
+    cmd_convert(p.parse_args(["convert", *argv]))
 
 
 def test_bad_input_fails_with_one_line_errors(gpt2_hf, gpt2_run, tmp_path):

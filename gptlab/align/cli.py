@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
     add_dataclass_args(p, TrainConfig, "train")
 
 
-def _cmd_sft(a) -> None:
+def cmd_sft(a) -> None:
     from gptlab.align.sft import sft
 
     sft(a.out, a.data, init_from=a.init_from, epochs=a.epochs, pack=a.pack, val_fraction=a.val_fraction,
@@ -45,18 +45,18 @@ def add_sft_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05, help="seeded random validation split [default: 0.05]")
     p.add_argument("--skip-empty", action="store_true", help="drop rows with an empty response instead of failing")
     _common(p, "pretrained run directory to start from")
-    p.set_defaults(func=_cmd_sft)
+    p.set_defaults(func=cmd_sft)
     return p
 
 
-def _cmd_reward_train(a) -> None:
+def cmd_reward_train(a) -> None:
     from gptlab.align.reward import train_reward
 
     train_reward(a.out, a.data, init_from=a.init_from, epochs=a.epochs, heldout_fraction=a.heldout_fraction,
                  train=_train_layer(a), resume=a.resume, reference=a.reference)
 
 
-def _cmd_reward_score(a) -> None:
+def cmd_reward_score(a) -> None:
     from pathlib import Path
 
     from gptlab.align.data import load_preferences, load_sft_examples
@@ -68,16 +68,10 @@ def _cmd_reward_score(a) -> None:
     rows = read_rows(a.data)
     records = []
     if any("chosen" in r or "responses" in r for r in rows):
-        prefs = load_preferences(a.data)
-        flat = [(i, p.prompt, r) for i, p in enumerate(prefs) for r in p.responses]
-        scores = rm.score([f[1] for f in flat], [f[2] for f in flat], batch_size=a.batch_size)
-        per: list[list[float]] = [[] for _ in prefs]
-        for (i, _, _), s in zip(flat, scores):
-            per[i].append(s)
-        right = sum(sum(s[j] > s[k] for j in range(len(s)) for k in range(j + 1, len(s))) for s in per)
-        pairs = sum(len(s) * (len(s) - 1) // 2 for s in per)
+        per, acc, pairs = rm.score_preferences(load_preferences(a.data), batch_size=a.batch_size)
         records = [{"scores": s} for s in per]
-        print(f"pairwise accuracy {right / pairs:.4f} ({right}/{pairs}) against the file's rankings", file=sys.stderr)
+        print(f"pairwise accuracy {acc:.4f} over {pairs} pairs against the file's rankings (a tie counts half)",
+              file=sys.stderr)
     else:
         convs = load_sft_examples(a.data, skip_empty=True)
         scores = rm.score([c[:-1] for c in convs], [c[-1]["content"] for c in convs], batch_size=a.batch_size)
@@ -103,18 +97,18 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--reference", help="SFT-style file whose responses define reward 0 (the offset) [default: the "
                                        "best-ranked held-out responses]")
     _common(t, "SFT run directory whose trunk the reward model starts from")
-    t.set_defaults(func=_cmd_reward_train)
+    t.set_defaults(func=cmd_reward_train)
     s = rsub.add_parser("score", help="score responses: a preference file (prints pairwise accuracy) or prompt/response rows")
     s.add_argument("run_dir")
     s.add_argument("--data", required=True, help="preference or SFT-style (prompt/response) file")
     s.add_argument("--out", help="JSONL of scores to write [default: stdout]")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--device", default="cpu")
-    s.set_defaults(func=_cmd_reward_score)
+    s.set_defaults(func=cmd_reward_score)
     return p
 
 
-def _cmd_dpo(a) -> None:
+def cmd_dpo(a) -> None:
     from gptlab.align.dpo import dpo
 
     dpo(a.out, a.data, init_from=a.init_from, beta=a.beta, epochs=a.epochs, heldout_fraction=a.heldout_fraction,
@@ -128,5 +122,11 @@ def add_dpo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     _common(p, "SFT run directory: the starting policy and the frozen reference")
-    p.set_defaults(func=_cmd_dpo)
+    p.set_defaults(func=cmd_dpo)
     return p
+
+
+def register(sub) -> None:
+    add_sft_parser(sub)
+    add_reward_parser(sub)
+    add_dpo_parser(sub)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from gptlab.align.data import load_preferences
-from gptlab.align.losses import dpo_loss, token_logprobs
+from gptlab.align.losses import dpo_loss, ranking_accuracy, token_logprobs
 from gptlab.align.reward import Encoded, encode_response, prompt_ids
 from gptlab.chat.template import ensure_chat_tokens
 from gptlab.errors import GptlabError
@@ -123,7 +123,7 @@ def evaluate(model, batches, beta: float) -> dict:
         loss, c, r = dpo_terms(model, b, beta)
         k = c.numel()
         loss_sum += loss.item() * k
-        right += ((c > r).float() + 0.5 * (c == r).float()).sum().item()
+        right += ranking_accuracy(torch.stack([c, r], 1), torch.ones(k, 2, dtype=torch.bool)).item() * k
         margin += (c - r).sum().item()
         n += k
     n = max(n, 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gptlab.model.loss import token_logprobs  # noqa: F401  (the one log-prob function, used with these losses)
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     mask = mask.to(x.dtype)
@@ -29,13 +31,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) targets -> (B, T) log p(target), in fp32 (bf16 log-softmax loses the
-    small differences the PPO ratio and the KL are made of)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

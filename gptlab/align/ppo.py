@@ -42,6 +42,7 @@ from gptlab.run.format import save_model
 from gptlab.fileio import atomic_write_json, read_json
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
+from gptlab.plot import Line, Panel, plot
 from gptlab.train.metrics import read_metrics
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOLoss", "ppo", "evaluate_policy", "plot_ppo", "resolve_reward_fn"]
@@ -126,32 +127,13 @@ def evaluate_policy(maker: ExperienceMaker, convs: list[list[dict]], cfg: PPOCon
 def plot_ppo(metrics_path: Path, out_dir: Path, before: dict | None = None) -> list[Path]:
     """reward.png and kl.png: per experience batch (rollouts) and on the held-out prompts (step 0 = before)."""
     recs = read_metrics(metrics_path)
-    rows = [r for r in recs if "reward_mean" in r]
     evals = ([{"step": 0, **before}] if before else []) + [r for r in recs if "eval_reward" in r]
-    if not rows and not evals:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     for name, key, ekey, ylabel in (("reward.png", "reward_mean", "eval_reward", "reward"),
                                     ("kl.png", "kl", "eval_kl", "KL(actor‖ref), nats per response")):
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        if rows:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"rollouts: {key}", lw=1.2)
-        if evals:
-            ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o-", label=f"held-out: {ekey}", lw=1.5)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{out_dir.name}: PPO {ylabel.split(',')[0]}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-        paths.append(out_dir / name)
+        lines = [Line.of(recs, key, f"rollouts: {key}"), Line.of(evals, ekey, f"held-out: {ekey}", "o-", 1.5)]
+        png = plot(out_dir / name, [Panel(lines, ylabel=ylabel)], f"{out_dir.name}: PPO {ylabel.split(',')[0]}")
+        paths += [png] if png else []
     return paths
 
 

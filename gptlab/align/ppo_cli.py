@@ -24,7 +24,7 @@ def _ppo_layer(a, y: dict) -> dict:
     return section_layer(a, y, PPOConfig, "ppo")
 
 
-def _cmd_ppo(a) -> None:
+def cmd_ppo(a) -> None:
     from gptlab.align.ppo import ppo
     from gptlab.align.ppo_config import PPOConfig
     from gptlab.config import check_layout, load_yaml
@@ -61,11 +61,11 @@ def add_ppo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with ppo: {...} (PPO keys, as --ppo.KEY)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     _add_ppo_keys(p)
-    p.set_defaults(func=_cmd_ppo)
+    p.set_defaults(func=cmd_ppo)
     return p
 
 
-def _cmd_rlhf(a) -> None:
+def cmd_rlhf(a) -> None:
     from gptlab.align.rlhf import rlhf
     from gptlab.config import read_config
 
@@ -90,5 +90,10 @@ def add_rlhf_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with reward: {...} (train_reward keys: epochs, heldout_fraction, train, "
                                     "reference; and init, judge_samples, judge_prompts) and ppo: {...} (PPO keys)")
     _add_ppo_keys(p)
-    p.set_defaults(func=_cmd_rlhf)
+    p.set_defaults(func=cmd_rlhf)
     return p
+
+
+def register(sub) -> None:
+    add_ppo_parser(sub)
+    add_rlhf_parser(sub)

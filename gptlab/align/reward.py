@@ -40,6 +40,7 @@ from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.run.format import CONFIG_FILE
 from gptlab.fileio import atomic_write_json
+from gptlab.plot import Line, Panel, plot
 from gptlab.train.metrics import read_metrics
 
 RECIPE = "reward"
@@ -169,27 +170,9 @@ def evaluate(model: torch.nn.Module, batches) -> tuple[float, float]:
 
 
 def plot_accuracy(metrics_path: Path, out_png: Path) -> Path | None:
-    recs = [r for r in read_metrics(metrics_path) if "heldout_accuracy" in r]
-    if not recs:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([r["step"] for r in recs], [r["heldout_accuracy"] for r in recs], "o-", label="held-out pairwise accuracy")
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"reward model · {Path(metrics_path).parent.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return Path(out_png)
+    line = Line.of(read_metrics(metrics_path), "heldout_accuracy", "held-out pairwise accuracy", "o-")
+    return plot(out_png, [Panel([line], ylabel="accuracy", ylim=(0, 1), hlines=[(0.5, "chance")])],
+                f"reward model · {Path(metrics_path).parent.name}")
 
 
 # --- the RewardModel API ---------------------------------------------------------------------------
@@ -243,6 +226,19 @@ class RewardModel:
             for i, v in zip(chunk, self.score_ids(x, end).tolist()):
                 out[i] = v
         return out
+
+    def score_preferences(self, prefs: list[Preference], batch_size: int = 16) -> tuple[list[list[float]], float, int]:
+        """Scores of each preference row's responses (best first) -> (scores per row, pairwise accuracy
+        against the rows' rankings with a tie counted half, as in training, number of pairs)."""
+        flat = [(i, p.prompt, r) for i, p in enumerate(prefs) for r in p.responses]
+        per: list[list[float]] = [[] for _ in prefs]
+        for (i, _, _), s in zip(flat, self.score([f[1] for f in flat], [f[2] for f in flat], batch_size)):
+            per[i].append(s)
+        K = max((len(s) for s in per), default=0)
+        rewards = torch.tensor([s + [0.0] * (K - len(s)) for s in per]) if per else torch.zeros(0, 0)
+        valid = torch.tensor([[j < len(s) for j in range(K)] for s in per], dtype=torch.bool) if per else rewards.bool()
+        pairs = sum(len(s) * (len(s) - 1) // 2 for s in per)
+        return per, ranking_accuracy(rewards, valid).item() if pairs else float("nan"), pairs
 
 
 # --- training --------------------------------------------------------------------------------------

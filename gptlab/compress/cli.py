@@ -7,7 +7,7 @@ import argparse
 from gptlab.errors import GptlabError
 
 
-def _cmd_quantize(a) -> None:
+def cmd_compress_quantize(a) -> None:
     from gptlab.compress.api import quantize
 
     out = quantize(a.run_dir, a.out, method=a.method, bits=a.bits, group_size=a.group_size, data=a.data,
@@ -15,7 +15,7 @@ def _cmd_quantize(a) -> None:
     print(f"wrote {out}")
 
 
-def _cmd_prune(a) -> None:
+def cmd_compress_prune(a) -> None:
     from gptlab.compress.api import prune
 
     if a.method == "nm" and not (a.n and a.m):
@@ -25,7 +25,7 @@ def _cmd_prune(a) -> None:
     print(f"wrote {out}")
 
 
-def _cmd_sparsegpt(a) -> None:
+def cmd_compress_sparsegpt(a) -> None:
     from gptlab.compress.api import sparsegpt
 
     out = sparsegpt(a.run_dir, a.out, data=a.data, sparsity=a.sparsity, n=a.n, m=a.m, quant_bits=a.quant_bits,
@@ -33,7 +33,7 @@ def _cmd_sparsegpt(a) -> None:
     print(f"wrote {out}")
 
 
-def _cmd_report(a) -> None:
+def cmd_compress_report(a) -> None:
     from gptlab.compress.api import report
 
     report(a.run_dirs, data=a.data, out=a.out, eval_tokens=a.eval_tokens, decode_tokens=a.decode_tokens,
@@ -66,7 +66,7 @@ def add_compress_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--threshold", type=float, default=6.0, help="llm-int8: outlier feature threshold |x|")
     _calib_args(q, required=False)
-    q.set_defaults(func=lambda a: _cmd_quantize(_default_bits(a)))
+    q.set_defaults(func=lambda a: cmd_compress_quantize(_default_bits(a)))
 
     p = csub.add_parser("prune", help="magnitude (layer|global) | nm (N:M) | structured (heads, FFN channels)")
     p.add_argument("run_dir")
@@ -78,7 +78,7 @@ def add_compress_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--m", type=int, default=0)
     p.add_argument("--heads", type=int, default=0, help="structured: attention heads removed per layer")
     p.add_argument("--ffn", type=float, default=0.0, help="structured: fraction of FFN channels removed per layer")
-    p.set_defaults(func=_cmd_prune)
+    p.set_defaults(func=cmd_compress_prune)
 
     s = csub.add_parser("sparsegpt", help="one-shot SparseGPT pruning (unstructured or N:M, optional quantization)")
     s.add_argument("run_dir")
@@ -90,7 +90,7 @@ def add_compress_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--blocksize", type=int, default=128, help="columns per lazy-update block")
     s.add_argument("--percdamp", type=float, default=0.01, help="dampening as a fraction of mean diag(H)")
     _calib_args(s, required=True)
-    s.set_defaults(func=_cmd_sparsegpt)
+    s.set_defaults(func=cmd_compress_sparsegpt)
 
     r = csub.add_parser("report", help="table of method, bits, sparsity, params, size, val perplexity, decode tok/s")
     r.add_argument("run_dirs", nargs="+")
@@ -101,7 +101,7 @@ def add_compress_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--seq-len", type=int, default=None, help="val window length (default: model context)")
     r.add_argument("--decode-threads", type=int, default=None, help="intra-op threads for the decode timing "
                                                                     "(default: torch's; 1 is fastest for small models)")
-    r.set_defaults(func=_cmd_report)
+    r.set_defaults(func=cmd_compress_report)
     return c
 
 
@@ -109,3 +109,7 @@ def _default_bits(a):
     if a.bits is None:
         a.bits = 4 if a.method in ("rtn", "gptq") else 8
     return a
+
+
+def register(sub) -> None:
+    add_compress_parser(sub)

@@ -58,7 +58,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     h = e.add_argument_group("lm-evaluation-harness (pip install gptlab[eval])")
     h.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval task names, run through the gptlab adapter")
     h.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    e.set_defaults(func=run_evaluate)
+    e.set_defaults(func=cmd_evaluate)
     return e
 
 
@@ -71,7 +71,7 @@ def sampling_overrides(a) -> dict:
     return {field: getattr(a, flag) for flag, field in _GEN_FLAGS.items() if getattr(a, flag, None) is not None}
 
 
-def run_evaluate(a) -> dict:
+def cmd_evaluate(a) -> dict:
     from gptlab import __version__
     from gptlab.evaluate.report import format_table, write_json
     from gptlab.runtime import dtype_name, linear_shape, resolve_dtype
@@ -152,3 +152,7 @@ def run_lm_eval(model, tok, a, out=sys.stdout) -> dict:
     import json
 
     return json.loads(json.dumps(keep, default=str))  # lm-eval results hold numpy scalars and callables
+
+
+def register(sub) -> None:
+    add_evaluate_parser(sub)

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.model.loss import token_logprobs
 
 Pair = tuple[Sequence[int], Sequence[int]]
 _LOGIT_CHUNK = 1024
@@ -62,7 +63,7 @@ def _score_rows(model, h: torch.Tensor, targets: torch.Tensor, lengths: list[int
     for j in range(0, h.size(0), _LOGIT_CHUNK):
         logits = model.lm_head(h[j:j + _LOGIT_CHUNK]).float()[:, :vocab]
         tgt = targets[j:j + _LOGIT_CHUNK]
-        lps.append((logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).double().cpu())
+        lps.append(token_logprobs(logits, tgt).double().cpu())
         hits.append((logits.argmax(dim=-1) == tgt).cpu())
     out, i = [], 0
     lp, hit = torch.cat(lps), torch.cat(hits)

@@ -29,7 +29,7 @@ def _add_field_args(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g.add_argument("--label-field", help="class name, or the right choice's index (0-based) or text [default: label|answer]")
 
 
-def _cmd_finetune(a) -> None:
+def cmd_finetune(a) -> None:
     from gptlab.config import read_config, section_layer
     from gptlab.errors import GptlabError
     from gptlab.finetune.train import finetune
@@ -75,11 +75,11 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with model: {...} and train: {...} sections")
     add_dataclass_args(p, TrainConfig, "train")
     add_dataclass_args(p, GPTConfig, "model")
-    p.set_defaults(func=_cmd_finetune)
+    p.set_defaults(func=cmd_finetune)
     return p
 
 
-def _cmd_classify(a) -> None:
+def cmd_classify(a) -> None:
     from gptlab.errors import GptlabError
     from gptlab.finetune.data import Example, Fields, label_ids, load_examples
     from gptlab.finetune.predict import predict, task_of
@@ -137,5 +137,10 @@ def add_classify_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     add_dtype_arg(p)
-    p.set_defaults(func=_cmd_classify)
+    p.set_defaults(func=cmd_classify)
     return p
+
+
+def register(sub) -> None:
+    add_finetune_parser(sub)
+    add_classify_parser(sub)

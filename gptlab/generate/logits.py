@@ -7,12 +7,16 @@ import torch
 from gptlab.generate.params import SamplingParams
 
 
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, r: float) -> torch.Tensor:
+    """CTRL's repetition penalty: positive logits of seen tokens divided by r, negative ones multiplied."""
+    return torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+
+
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
                     banned: list[list[int]] | None) -> torch.Tensor:
-    """Repetition penalty (divide positive / multiply negative logits of seen tokens) and n-gram bans."""
+    """Repetition penalty and n-gram bans."""
     if seen is not None and p.repetition_penalty != 1.0:
-        pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, pen, logits)
+        logits = repetition_penalty(logits, seen, p.repetition_penalty)
     if banned and any(banned):  # one indexed write for all rows (one host->device copy on GPUs)
         rows = [r for r, toks in enumerate(banned) for _ in toks]
         cols = [t for toks in banned for t in toks]

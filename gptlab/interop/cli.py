@@ -17,11 +17,11 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("out", help="directory to create (a run dir for --from-hf, an HF dir for --to-hf)")
     c.add_argument("--tokenizer", metavar="gpt2|PATH", help="with --from-hf: 'gpt2' or a gptlab tokenizer file, instead of the HF "
                                        "dir's vocab.json + merges.txt (required for GPT-1)")
-    c.set_defaults(func=run_convert)
+    c.set_defaults(func=cmd_convert)
     return c
 
 
-def run_convert(args) -> None:
+def cmd_convert(args) -> None:
     from gptlab.interop.hf import export_hf, import_hf
 
     if args.from_hf:
@@ -32,3 +32,7 @@ def run_convert(args) -> None:
             raise GptlabError("--tokenizer applies to --from-hf only; --to-hf exports the run's own tokenizer")
         out = export_hf(args.to_hf, args.out)
         print(f"exported {args.to_hf} -> Hugging Face dir {out}")
+
+
+def register(sub) -> None:
+    add_convert_parser(sub)

@@ -66,3 +66,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h2, t2 = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     rows = chunk_rows or max(64, _CHUNK_ELEMENTS // weight.size(0))
     return LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits, (...) targets -> (...) log p(target), in fp32 (bf16 log-softmax loses the small
+    differences the PPO ratio, the KL and likelihood comparisons are made of). The one log-prob function:
+    DPO's and PPO's response log-probs and evaluation's scores all go through it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

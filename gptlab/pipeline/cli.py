@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def _cmd_pipeline(a) -> None:
+def cmd_pipeline(a) -> None:
     from gptlab.pipeline.config import default_yaml, load_pipeline_config
     from gptlab.pipeline.runner import resume_command, run_pipeline
 
@@ -34,5 +34,9 @@ def add_pipeline_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--only", choices=STAGE_NAMES, metavar="STAGE", help="run just STAGE (its inputs must be done)")
     p.add_argument("--serve", action="store_true", help="serve the final model when done (OpenAI-compatible API)")
     p.add_argument("--print-config", action="store_true", help="print the embedded default config and exit")
-    p.set_defaults(func=_cmd_pipeline)
+    p.set_defaults(func=cmd_pipeline)
     return p
+
+
+def register(sub) -> None:
+    add_pipeline_parser(sub)

@@ -7,38 +7,13 @@ import shutil
 from pathlib import Path
 
 from gptlab.fileio import atomic_write
+from gptlab.plot import Line, Panel, plot
 
 
 def _f(v, nd: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return "—" if v is None else str(v)
-
-
-def _plot(curves: dict[str, list[tuple[float, float]]], png: Path, title: str, xlabel: str = "step",
-          ylabel: str = "") -> Path | None:
-    curves = {k: v for k, v in curves.items() if v}
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), dpi=110, squeeze=False)
-    for ax, (name, pts) in zip(axes[0], curves.items()):
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
-    return png
 
 
 def _figure(src: Path, dst: Path, alt: str) -> list[str]:
@@ -120,8 +95,9 @@ def write_report(ctx, hashes: dict[str, str]) -> Path:
             m = str(r.get("method", "")).split(" ")[0]
             if "val_ppl" in r and (r.get("sparsity") or 0) > 0.05 and m not in ("int8", "dense"):
                 by_method.setdefault(m, list(dense)).append((float(r["sparsity"]), float(r["val_ppl"])))
-        if by_method and _plot({k: sorted(v) for k, v in by_method.items()}, out / "ppl_vs_sparsity.png",
-                         "val perplexity vs sparsity", "sparsity", "perplexity"):
+        panels = [Panel([Line("", *map(list, zip(*sorted(pts))), style=".-")], k, "sparsity", "perplexity")
+                  for k, pts in by_method.items()]
+        if by_method and plot(out / "ppl_vs_sparsity.png", panels, "val perplexity vs sparsity"):
             lines += ["", "![perplexity vs sparsity](ppl_vs_sparsity.png)"]
     if R.get("evaluate_final", {}).get("models"):
         ms = R["evaluate_final"]["models"]

@@ -247,7 +247,7 @@ def _samples(ctx: Ctx, c: dict, resume: bool) -> dict:
 
 
 def _serve(ctx: Ctx, c: dict, resume: bool) -> dict:
-    from gptlab.serve.cli import serve
+    from gptlab.serve import serve
 
     target = chat_models(ctx).get(c.get("model", "ppo+int8")) or ctx.dir("ppo")
     serve(target, host=c.get("host", "127.0.0.1"), port=c.get("port", 8000))

@@ -15,7 +15,8 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.runtime import linear_shape, resolve_dtype
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.fileio import atomic_write_json, read_json
-from gptlab.run.format import CONFIG_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, load_model_weights
+from gptlab.run.format import (CONFIG_FILE, LATEST_FILE, METRICS_FILE, MODEL_FILE, RUN_FORMAT, RUN_VERSION, load_model_weights,
+                               read_metrics)
 
 
 # Config sections whose layers another package rebuilds in their stored layout before the weights load
@@ -91,3 +92,16 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     if dtype is not None:
         model = model.to(resolve_dtype(dtype, device, linear_shape(model, rows)))
     return Run(model.eval(), tok, cfg, run_dir)
+
+
+def describe_run(run_dir: Path) -> dict:
+    """What `gptlab info` shows: stage, size, model and tokenizer, latest checkpoint, last val loss."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    mcfg = GPTConfig.from_dict(cfg["model"])
+    tok = load_tokenizer(run_dir / cfg.get("tokenizer", TOKENIZER_FILE))
+    latest = read_json(run_dir / LATEST_FILE, "latest checkpoint pointer") if (run_dir / LATEST_FILE).exists() else {}
+    vals = [m for m in read_metrics(run_dir / METRICS_FILE) if "val_loss" in m]
+    return {"run_dir": str(run_dir), "stage": cfg.get("stage"), "parameters": mcfg.num_params(), "model": cfg["model"],
+            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size}, "latest_checkpoint": latest.get("checkpoint"),
+            "last_val_loss": vals[-1]["val_loss"] if vals else None, "train": cfg.get("train"), "task": cfg.get("task")}

@@ -10,6 +10,7 @@ run_dir/
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from gptlab.fileio import atomic_write
 
 RUN_FORMAT, RUN_VERSION = "gptlab-run", 1
 MODEL_FILE, CONFIG_FILE, LATEST_FILE = "model.safetensors", "config.json", "latest.json"
+METRICS_FILE = "metrics.jsonl"  # one JSON object per logged event (gptlab.train.metrics writes it)
 
 
 def read_safetensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -67,3 +69,18 @@ def load_state_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path) -
             hint = " (tokenizer/model vocab mismatch)" if k == "wte.weight" else ""
             raise GptlabError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}{hint}")
     model.load_state_dict(sd, strict=False)  # the tied names are filled through the tensor they share
+
+
+def parse_metrics(text: str) -> list[dict]:
+    out = []
+    for ln in text.splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    return parse_metrics(path.read_text()) if path.exists() else []

@@ -1,36 +1,15 @@
-"""`gptlab serve RUN_DIR`: the OpenAI-compatible server (parser with set_defaults(func=...))."""
+"""`gptlab serve RUN_DIR`: the OpenAI-compatible server."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from gptlab.config import add_dtype_arg
 
 
-def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **opts) -> None:
-    """Run the server in this process until interrupted; `opts` are create_app's keyword options."""
-    try:
-        import uvicorn
-    except ImportError:
-        from gptlab.errors import GptlabError
+def cmd_serve(a) -> None:
+    from gptlab.serve import serve
 
-        raise GptlabError("serving needs FastAPI and uvicorn: pip install 'gptlab[serve]'") from None
-    from gptlab.run import read_run_config
-    from gptlab.serve.app import create_app
-    from gptlab.serve.moderation import Moderator
-
-    read_run_config(run_dir)  # a wrong path is a one-line error now, not a failed background load
-    if opts.get("moderation") is not None and not isinstance(opts["moderation"], Moderator):
-        opts["moderation"] = Moderator.from_paths(opts["moderation"], opts.get("moderation_action", "redact"),
-                                                  opts.get("moderation_label"), opts.get("moderation_threshold", 0.5))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(run_dir, **opts)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
-
-def _cmd_serve(a) -> None:
     mod = a.moderation or None
     serve(a.run_dir, host=a.host, port=a.port, log_level=a.log_level, api_keys=tuple(a.api_key or ()),
           max_batch=a.max_batch, max_queue=a.max_queue, moderation=mod, dtype=a.dtype, device=a.device,
@@ -60,5 +39,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--moderation-label", help="classifier label that means 'flag' [default: unsafe/harmful/toxic/...]")
     p.add_argument("--moderation-threshold", type=float, default=0.5, help="classifier flag probability [default: 0.5]")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=cmd_serve)
     return p
+
+
+def register(sub) -> None:
+    add_serve_parser(sub)

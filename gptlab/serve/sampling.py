@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptlab.generate.logits import filter_logits
+from gptlab.generate.logits import filter_logits, repetition_penalty
 from gptlab.generate.params import SamplingParams
 
 
@@ -53,8 +53,7 @@ class RowSampler:
         if self.bias is not None:
             logits = logits.index_add(0, self.bias[0], self.bias[1])
         if self.seen is not None:
-            r = self.params.repetition_penalty
-            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+            logits = repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.counts is not None:
             logits = logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence
         return logits
