@@ -20,34 +20,33 @@ from __future__ import annotations
 
 import copy
 import importlib
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from gptlab.align.experience import Experience, ExperienceConfig, ExperienceMaker
+from gptlab.align.experience import ExperienceConfig, ExperienceMaker
 from gptlab.align.losses import AdaptiveKLController, FixedKLController
 from gptlab.align.ppo_config import PPOConfig
+from gptlab.align.ppo_loop import STATE_FILE, PPOLoop, evaluate_policy, plot_ppo
 from gptlab.align.ppo_loss import ActorCritic, PPOLoss
 from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids, truncate_history
 from gptlab.errors import GptlabError
-from gptlab.stage import NO_DROPOUT, EpochOrder, begin, load_pretrained
-from gptlab.model import GPT
-from gptlab.run import load_run, write_run_config
-from gptlab.runtime import TRAIN_DTYPES, autocast, dtype_name, linear_shape, resolve_dtype
-from gptlab.train import distributed as D
-from gptlab.run.format import save_model
 from gptlab.fileio import atomic_write_json, read_json
+from gptlab.model import GPT
+from gptlab.run import load_run, read_run_config, write_run_config
+from gptlab.run.format import METRICS_FILE, MODEL_FILE, save_model
+from gptlab.runtime import TRAIN_DTYPES, autocast, dtype_name, linear_shape, resolve_dtype
+from gptlab.stage import NO_DROPOUT, Start, begin, load_pretrained
+from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
-from gptlab.plot import Line, Panel, plot
-from gptlab.train.metrics import read_metrics
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOLoss", "ppo", "evaluate_policy", "plot_ppo", "resolve_reward_fn"]
 
-STATE_FILE, SUMMARY_FILE = "ppo_state.json", "ppo_summary.json"
+SUMMARY_FILE = "ppo_summary.json"
 
 
 def _no_dropout(model: torch.nn.Module) -> None:
@@ -82,7 +81,7 @@ def resolve_reward_fn(spec) -> Callable | None:
     return obj
 
 
-def _as_conversations(prompts) -> list[list[dict]]:
+def as_conversations(prompts) -> list[list[dict]]:
     from gptlab.align.data import load_prompts
 
     if isinstance(prompts, (str, Path)):
@@ -108,33 +107,6 @@ def _fit_prompts(tok, convs: list[list[dict]], block_size: int, max_new: int) ->
                 continue
         out.append(c)
     return out, dropped
-
-
-# --- evaluation --------------------------------------------------------------------------------------
-def evaluate_policy(maker: ExperienceMaker, convs: list[list[dict]], cfg: PPOConfig,
-                    kl_coef: float) -> tuple[dict, list]:
-    """Seeded samples on the held-out prompts (the training sampling settings) -> (metrics, samples)."""
-    exp = maker.make(convs, kl_coef, seed=cfg.eval_seed, num_samples=cfg.eval_samples)
-    s = exp.stats
-    metrics = {"eval_reward": s["reward_mean"], "eval_score": s["score_mean"], "eval_kl": s["kl"],
-               "eval_kl_exact": s["kl_exact"], "eval_response_length": s["response_length"],
-               "eval_ended_fraction": s["ended_fraction"]}
-    samples = [{"prompt": p, "response": r, "reward": round(float(x), 4)}
-               for p, r, x in zip(exp.prompts, exp.responses, exp.scores.tolist())][:cfg.show_samples]
-    return metrics, samples
-
-
-def plot_ppo(metrics_path: Path, out_dir: Path, before: dict | None = None) -> list[Path]:
-    """reward.png and kl.png: per experience batch (rollouts) and on the held-out prompts (step 0 = before)."""
-    recs = read_metrics(metrics_path)
-    evals = ([{"step": 0, **before}] if before else []) + [r for r in recs if "eval_reward" in r]
-    paths = []
-    for name, key, ekey, ylabel in (("reward.png", "reward_mean", "eval_reward", "reward"),
-                                    ("kl.png", "kl", "eval_kl", "KL(actor‖ref), nats per response")):
-        lines = [Line.of(recs, key, f"rollouts: {key}"), Line.of(evals, ekey, f"held-out: {ekey}", "o-", 1.5)]
-        png = plot(out_dir / name, [Panel(lines, ylabel=ylabel)], f"{out_dir.name}: PPO {ylabel.split(',')[0]}")
-        paths += [png] if png else []
-    return paths
 
 
 # --- the stage -----------------------------------------------------------------------------------------
@@ -188,6 +160,85 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
     return actor.to(device), critic.to(device), ref, rm, tok, (train_dtype, frozen_dtype)
 
 
+@dataclass
+class Sources:
+    """Where a PPO run's models and prompts come from (saved in config.json, read back on --resume)."""
+    actor_from: str | Path | None
+    reward_from: str | Path | None
+    reward_fn: Callable | str | None
+    critic_from: str | Path | None
+    reference_from: str | Path | None
+    prompts: object
+
+    def record(self, reward_spec) -> dict:
+        res = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+        return {"actor_from": res(self.actor_from), "reward_from": res(self.reward_from),
+                "critic_from": res(self.critic_from), "reference_from": res(self.reference_from),
+                "reward_fn": reward_spec, "prompts": res(self.prompts) if isinstance(self.prompts, (str, Path)) else None}
+
+
+def _settings(st: Start, src: Sources, config) -> tuple[Sources, PPOConfig]:
+    """The sources and config: given, or read back from the run being resumed (the settings that shape
+    the experience batches cannot change there)."""
+    if not st.resume:
+        return src, config if isinstance(config, PPOConfig) else PPOConfig.from_dict(config)
+    init = st.saved.get("init", {})
+    reward_fn = src.reward_fn
+    if reward_fn is None and init.get("reward_fn"):
+        if init["reward_fn"] == "<callable>":
+            raise GptlabError(f"{st.out} was trained with a Python reward_fn; pass it again to resume")
+        reward_fn = init["reward_fn"]
+    src = Sources(src.actor_from or init.get("actor_from"), src.reward_from or init.get("reward_from"), reward_fn,
+                  src.critic_from or init.get("critic_from"), src.reference_from or init.get("reference_from"),
+                  src.prompts if src.prompts is not None else init.get("prompts"))
+    given = config.to_dict() if isinstance(config, PPOConfig) else dict(config or {})
+    fixed = ("rollout_prompts", "samples_per_prompt", "ppo_epochs", "minibatch_size", "micro_batch_size", "seed",
+             "eval_prompts")
+    changed = [k for k in fixed if k in given and given[k] != st.saved["ppo"].get(k)]
+    if changed:
+        raise GptlabError(f"--resume: {', '.join(changed)} cannot change in a run being resumed")
+    return src, PPOConfig.from_dict({**st.saved["ppo"], **given})
+
+
+def _split_prompts(tok, prompts, cfg: PPOConfig, ctx: int) -> tuple[list, list, int]:
+    """-> (training prompts, held-out prompts, prompts dropped as too long for the context)."""
+    convs, dropped = _fit_prompts(tok, as_conversations(prompts), ctx, cfg.max_new_tokens)
+    if isinstance(cfg.eval_prompts, str):
+        eval_c, d2 = _fit_prompts(tok, as_conversations(cfg.eval_prompts), ctx, cfg.max_new_tokens)
+        train_c, dropped = convs, dropped + d2
+    else:
+        k = int(cfg.eval_prompts)
+        if k and len(convs) <= k:
+            raise GptlabError(f"{len(convs)} prompts are too few to hold out {k} for evaluation (set eval_prompts)")
+        perm = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        train_c, eval_c = [convs[i] for i in sorted(perm[k:])], [convs[i] for i in sorted(perm[:k])]
+    if not train_c:
+        raise GptlabError("no usable prompts (all too long for the context with max_new_tokens of room)")
+    return train_c, eval_c, dropped
+
+
+def _engine_config(cfg: PPOConfig, dtype: torch.dtype) -> TrainConfig:
+    """One engine step per minibatch; checkpoints and evals on iteration boundaries."""
+    spi, micro = cfg.steps_per_iteration, cfg.micro_batch_size or cfg.minibatch_size
+    return TrainConfig(recipe="ppo", max_iters=cfg.iterations * spi, batch_size=micro,
+                       grad_accum=cfg.minibatch_size // micro, lr=cfg.actor_lr, schedule="constant", warmup_iters=0,
+                       warmup_tokens=0, decay_tokens=0, batch_warmup_tokens=0, weight_decay=cfg.weight_decay,
+                       beta1=0.9, beta2=0.95, grad_clip=cfg.grad_clip, dtype=dtype_name(dtype), device=cfg.device,
+                       seed=cfg.seed, eval_interval=cfg.eval_every * spi, log_interval=1,
+                       checkpoint_interval=cfg.checkpoint_every * spi, keep_last=cfg.keep_last)
+
+
+def _ptx_data(cfg: PPOConfig, actor: GPT):
+    if cfg.ptx_coef <= 0:
+        return None
+    from gptlab.data.loader import TokenData
+
+    data = TokenData(cfg.ptx_data)
+    if data.vocab_size > actor.cfg.vocab_size:
+        raise GptlabError(f"ptx_data {cfg.ptx_data} has {data.vocab_size} token ids; the actor has {actor.cfg.vocab_size}")
+    return data
+
+
 def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = None,
         reward_from: str | Path | None = None, reward_fn: Callable | str | None = None,
         critic_from: str | Path | None = None, config: PPOConfig | dict | None = None, resume: bool = False,
@@ -199,199 +250,80 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     itself unless `reference_from` names another run (e.g. the SFT run when PPO continues an earlier PPO
     policy, as `gptlab rlhf` does)."""
     st = begin(out_dir, "ppo", resume)
-    out, saved = st.out, st.saved
-    if resume:
-        init = saved.get("init", {})
-        actor_from = actor_from or init.get("actor_from")
-        reward_from = reward_from or init.get("reward_from")
-        critic_from = critic_from or init.get("critic_from")
-        reference_from = reference_from or init.get("reference_from")
-        prompts = prompts if prompts is not None else init.get("prompts")
-        if reward_fn is None and init.get("reward_fn"):
-            if init["reward_fn"] == "<callable>":
-                raise GptlabError(f"{out} was trained with a Python reward_fn; pass it again to resume")
-            reward_fn = init["reward_fn"]
-        given = config.to_dict() if isinstance(config, PPOConfig) else dict(config or {})
-        fixed = ("rollout_prompts", "samples_per_prompt", "ppo_epochs", "minibatch_size", "micro_batch_size", "seed",
-                 "eval_prompts")
-        changed = [k for k in fixed if k in given and given[k] != saved["ppo"].get(k)]
-        if changed:
-            raise GptlabError(f"--resume: {', '.join(changed)} cannot change in a run being resumed")
-        cfg = PPOConfig.from_dict({**saved["ppo"], **given})
-    else:
-        cfg = config if isinstance(config, PPOConfig) else PPOConfig.from_dict(config)
-    if actor_from is None:
+    src, cfg = _settings(st, Sources(actor_from, reward_from, reward_fn, critic_from, reference_from, prompts), config)
+    if src.actor_from is None:
         raise GptlabError("ppo needs --from RUN_DIR (the SFT policy)")
-    if (reward_from is None) == (reward_fn is None):
+    if (src.reward_from is None) == (src.reward_fn is None):
         raise GptlabError("ppo needs exactly one of --reward RUN_DIR (a reward model) and --reward-fn module:function")
-    if prompts is None:
+    if src.prompts is None:
         raise GptlabError("ppo needs --prompts (a prompt file)")
-    reward_spec = None if reward_fn is None else (reward_fn if isinstance(reward_fn, str) else "<callable>")
-    reward_fn = resolve_reward_fn(reward_fn)
+    reward_spec = None if src.reward_fn is None else (src.reward_fn if isinstance(src.reward_fn, str) else "<callable>")
+    reward_callable = resolve_reward_fn(src.reward_fn)
 
+    ctx = read_run_config(Path(src.actor_from))["model"]["block_size"]  # checked before anything is loaded
+    if cfg.max_new_tokens >= ctx:
+        raise GptlabError(f"ppo: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in a context of {ctx}")
     info, device = D.init_distributed(cfg.device)
     if info.enabled:
         raise GptlabError("gptlab ppo runs in one process; run it without torchrun")
-    actor, critic, ref, rm, tok, (train_dtype, frozen_dtype) = _load_models(actor_from, reward_from, critic_from,
-                                                                            reference_from, cfg, device)
-    ctx = actor.cfg.block_size
-    if cfg.max_new_tokens >= ctx:
-        raise GptlabError(f"ppo: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in a context of {ctx}")
-
-    # --- prompts: held-out eval split ------------------------------------------------------------
-    convs, dropped = _fit_prompts(tok, _as_conversations(prompts), ctx, cfg.max_new_tokens)
-    if isinstance(cfg.eval_prompts, str):
-        train_c, (eval_c, d2) = convs, _fit_prompts(tok, _as_conversations(cfg.eval_prompts), ctx, cfg.max_new_tokens)
-        dropped += d2
-    else:
-        k = int(cfg.eval_prompts)
-        if k and len(convs) <= k:
-            raise GptlabError(f"{len(convs)} prompts are too few to hold out {k} for evaluation (set eval_prompts)")
-        perm = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        train_c, eval_c = [convs[i] for i in sorted(perm[k:])], [convs[i] for i in sorted(perm[:k])]
-    if not train_c:
-        raise GptlabError("no usable prompts (all too long for the context with max_new_tokens of room)")
-
-    # --- engine config ---------------------------------------------------------------------------
-    spi = cfg.steps_per_iteration
-    micro = cfg.micro_batch_size or cfg.minibatch_size
-    tcfg = TrainConfig(recipe="ppo", max_iters=cfg.iterations * spi, batch_size=micro,
-                       grad_accum=cfg.minibatch_size // micro, lr=cfg.actor_lr, schedule="constant", warmup_iters=0,
-                       warmup_tokens=0, decay_tokens=0, batch_warmup_tokens=0, weight_decay=cfg.weight_decay,
-                       beta1=0.9, beta2=0.95, grad_clip=cfg.grad_clip, dtype=dtype_name(train_dtype), device=cfg.device,
-                       seed=cfg.seed, eval_interval=cfg.eval_every * spi, log_interval=1,
-                       checkpoint_interval=cfg.checkpoint_every * spi, keep_last=cfg.keep_last)
-    amp = lambda: autocast(device, train_dtype)  # noqa: E731
-    ecfg = ExperienceConfig.of(cfg)
-    maker = ExperienceMaker(actor, critic, ref, tok, ecfg, reward_model=rm, reward_fn=reward_fn, autocast=amp)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-              else FixedKLController(cfg.kl_coef))
-    state = read_json(out / STATE_FILE, "ppo state") if resume and (out / STATE_FILE).exists() else {"kl_coef": {}}
-
-    write_run_config(out, actor.cfg, tok, stage="ppo", ppo=cfg.to_dict(),
-                     init={"actor_from": str(Path(actor_from).resolve()),
-                           "reward_from": str(Path(reward_from).resolve()) if reward_from else None,
-                           "critic_from": str(Path(critic_from).resolve()) if critic_from else None,
-                           "reference_from": str(Path(reference_from).resolve()) if reference_from else None,
-                           "reward_fn": reward_spec,
-                           "prompts": str(Path(prompts).resolve()) if isinstance(prompts, (str, Path)) else None},
+    actor, critic, ref, rm, tok, (train_dtype, frozen_dtype) = _load_models(
+        src.actor_from, src.reward_from, src.critic_from, src.reference_from, cfg, device)
+    train_c, eval_c, dropped = _split_prompts(tok, src.prompts, cfg, ctx)
+    maker = ExperienceMaker(actor, critic, ref, tok, ExperienceConfig.of(cfg), reward_model=rm,
+                            reward_fn=reward_callable, autocast=lambda: autocast(device, train_dtype))
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
+    state = read_json(st.out / STATE_FILE, "ppo state") if resume and (st.out / STATE_FILE).exists() else {"kl_coef": {}}
+    write_run_config(st.out, actor.cfg, tok, stage="ppo", ppo=cfg.to_dict(), init=src.record(reward_spec),
                      data={"n_train_prompts": len(train_c), "n_eval_prompts": len(eval_c), "n_dropped": dropped})
     if not quiet:
         print(f"ppo: actor {actor.num_params() / 1e6:.2f}M + critic {critic.num_params() / 1e6:.2f}M trained "
               f"({dtype_name(train_dtype)}); reference{' + reward model' if rm else ''} frozen in {dtype_name(frozen_dtype)}; "
-              f"reward {'model ' + str(reward_from) if rm else 'function ' + str(reward_spec)}")
-        print(f"data: {len(train_c)} train / {len(eval_c)} eval prompts"
-              + (f" ({dropped} too long, skipped)" if dropped else "")
-              + f" · {cfg.iterations} iterations × {cfg.rollout_size} rollouts · {spi} steps each "
+              f"reward {'model ' + str(src.reward_from) if rm else 'function ' + str(reward_spec)}")
+        print(f"data: {len(train_c)} train / {len(eval_c)} eval prompts" + (f" ({dropped} too long, skipped)" if dropped else "")
+              + f" · {cfg.iterations} iterations × {cfg.rollout_size} rollouts · {cfg.steps_per_iteration} steps each "
               f"({cfg.ppo_epochs} epochs × {cfg.rollout_size // cfg.minibatch_size} minibatches) on {device}")
-
-    # --- before -----------------------------------------------------------------------------------
-    before_path = out / "eval_before.json"
-    if resume and before_path.exists():
-        before = read_json(before_path, "eval before")
-    else:
-        m, s = evaluate_policy(maker, eval_c, cfg, kl_ctl.value) if eval_c else ({}, [])
-        before = {"metrics": m, "samples": s}
-        atomic_write_json(before_path, before)
-    if not quiet and before["metrics"]:
-        bm = before["metrics"]
-        print(f"before: held-out reward {bm['eval_reward']:+.4f} · KL {bm['eval_kl']:.4f}")
-
-    # --- the loop ----------------------------------------------------------------------------------
-    loss = PPOLoss(cfg)
-    order = EpochOrder(len(train_c), cfg.seed)
-    ptx_data = None
-    if cfg.ptx_coef > 0:
-        from gptlab.data.loader import TokenData
-
-        ptx_data = TokenData(cfg.ptx_data)
-        if ptx_data.vocab_size > actor.cfg.vocab_size:
-            raise GptlabError(f"ptx_data {cfg.ptx_data} has {ptx_data.vocab_size} token ids; the actor has "
-                              f"{actor.cfg.vocab_size}")
-    current: dict = {"iteration": -1, "exp": None}
-
-    def experience_for(it: int) -> Experience:
-        if current["iteration"] != it:
-            if str(it) in state["kl_coef"]:
-                kl_ctl.value = state["kl_coef"][str(it)]
-            state["kl_coef"][str(it)] = kl_ctl.value
-            idx = order.indices(it, slice(0, cfg.rollout_prompts), cfg.rollout_prompts)
-            exp = maker.make([train_c[i] for i in idx], kl_ctl.value, num_samples=cfg.samples_per_prompt)
-            kl_ctl.update(exp.stats["kl"], cfg.rollout_size)
-            state["kl_coef"][str(it + 1)] = kl_ctl.value
-            atomic_write_json(out / STATE_FILE, state)
-            current.update(iteration=it, exp=exp)
-            loss.extra = {**exp.stats, "iteration": it}
-            if not quiet:
-                print(f"iteration {it}: reward {exp.stats['reward_mean']:+.4f} ± {exp.stats['reward_std']:.4f} · "
-                      f"KL {exp.stats['kl']:.4f} · length {exp.stats['response_length']:.1f} · "
-                      f"generate {exp.stats['time_generate']:.1f}s score {exp.stats['time_score']:.1f}s")
-        return current["exp"]
-
-    step_start = {"t": time.perf_counter()}
-
-    def batch_fn(step: int, sl: slice, n_global: int):
-        it, j = divmod(step, spi)
-        exp = experience_for(it)
-        if sl.start == 0:
-            step_start["t"] = time.perf_counter()
-        per_epoch = cfg.rollout_size // cfg.minibatch_size
-        epoch, mbi = divmod(j, per_epoch)
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + it * 1009 + epoch) % (1 << 62))
-        perm = torch.randperm(cfg.rollout_size, generator=g)
-        rows = perm[mbi * cfg.minibatch_size:(mbi + 1) * cfg.minibatch_size][sl]
-        ptx = None
-        if ptx_data is not None:
-            T = actor.cfg.block_size
-            n = cfg.ptx_batch_size * (n_global // micro)
-            m0 = sl.start // micro * cfg.ptx_batch_size
-            ptx = ptx_data.get_batch(step, n, T, cfg.seed, sample_slice=slice(m0, m0 + cfg.ptx_batch_size),
-                                     device=device)
-        return exp.select(rows), ptx
-
-    def metrics_fn() -> dict:
-        out_ = loss.metrics()
-        out_["time_train"] = time.perf_counter() - step_start["t"]
-        return out_
-
-    pair = ActorCritic(actor, critic, cfg.temperature)
-    eval_state: dict = {"samples": []}
-
-    def eval_fn(model: torch.nn.Module, final: bool) -> dict:
-        if not eval_c:
-            return {}
-        m, s = evaluate_policy(maker, eval_c, cfg, kl_ctl.value)
-        if final:
-            eval_state["samples"] = s
-        return m
-
-    def export_fn(sd: dict) -> dict:  # the run dir's model.safetensors: the actor alone, a plain GPT
-        return {k[len("actor."):]: v for k, v in sd.items() if k.startswith("actor.")}
-
+    loop = PPOLoop(cfg, maker, kl_ctl, PPOLoss(cfg), train_c, eval_c, st.out, device, state, _ptx_data(cfg, actor), quiet)
+    before = _before(loop, resume)
     n_prompt = sum(len(render_ids(tok, c)[0]) for c in train_c) / len(train_c)
-    tokens_per_sample = max(1, round(n_prompt + cfg.max_new_tokens / 2))
     critic_scale = cfg.critic_lr / cfg.actor_lr if cfg.actor_lr > 0 else 1.0
-    trainer = Trainer(pair, tcfg, out, batch_fn, tokens_per_sample=tokens_per_sample, loss_fn=loss, eval_fn=eval_fn,
-                      device=device, resume=resume, metrics_fn=metrics_fn, export_fn=export_fn,
-                      lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0)
-    result = trainer.fit()
-    plot_ppo(out / "metrics.jsonl", out, before["metrics"])
-    # the critic as its own run dir (a value model: e.g. to start the next round's critic from)
-    write_run_config(out / "critic", critic.cfg, tok, stage="ppo-critic", init={"ppo_run": str(out.resolve())})
-    save_model(critic, out / "critic" / "model.safetensors")
+    result = Trainer(ActorCritic(actor, critic, cfg.temperature), _engine_config(cfg, train_dtype), st.out, loop.batch,
+                     tokens_per_sample=max(1, round(n_prompt + cfg.max_new_tokens / 2)), loss_fn=loop.loss,
+                     eval_fn=loop.evaluate, device=device, resume=resume, metrics_fn=loop.metrics,
+                     export_fn=lambda sd: {k[len("actor."):]: v for k, v in sd.items() if k.startswith("actor.")},
+                     lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0).fit()
+    return _finish(loop, result, before, critic, tok)
 
-    after = {k: result[k] for k in result if k.startswith("eval_")}
-    bm = before["metrics"]
+
+def _before(loop: PPOLoop, resume: bool) -> dict:
+    """The held-out evaluation before training (kept in the run dir: a resumed run reports the same)."""
+    path = loop.out / "eval_before.json"
+    if resume and path.exists():
+        before = read_json(path, "eval before")
+    else:
+        m, s = evaluate_policy(loop.maker, loop.eval_prompts, loop.cfg, loop.kl_ctl.value) if loop.eval_prompts else ({}, [])
+        before = {"metrics": m, "samples": s}
+        atomic_write_json(path, before)
+    if not loop.quiet and before["metrics"]:
+        print(f"before: held-out reward {before['metrics']['eval_reward']:+.4f} · KL {before['metrics']['eval_kl']:.4f}")
+    return before
+
+
+def _finish(loop: PPOLoop, result: dict, before: dict, critic: GPT, tok) -> dict:
+    """Plots, the critic as its own run dir (a value model, e.g. for the next round), the summary."""
+    out = loop.out
+    plot_ppo(out / METRICS_FILE, out, before["metrics"])
+    write_run_config(out / "critic", critic.cfg, tok, stage="ppo-critic", init={"ppo_run": str(out.resolve())})
+    save_model(critic, out / "critic" / MODEL_FILE)
+    after, bm = {k: result[k] for k in result if k.startswith("eval_")}, before["metrics"]
     summary = {"reward_before": bm.get("eval_reward"), "reward_after": after.get("eval_reward"),
                "kl_before": bm.get("eval_kl"), "kl_after": after.get("eval_kl"),
                "kl_exact_after": after.get("eval_kl_exact"), "score_before": bm.get("eval_score"),
                "score_after": after.get("eval_score"), "ended_before": bm.get("eval_ended_fraction"),
                "ended_after": after.get("eval_ended_fraction"),
-               "samples_before": before["samples"], "samples_after": eval_state["samples"],
-               "step": result["step"], "iterations": result["step"] // spi, "run_dir": str(out)}
+               "samples_before": before["samples"], "samples_after": loop.final_samples,
+               "step": result["step"], "iterations": result["step"] // loop.cfg.steps_per_iteration, "run_dir": str(out)}
     atomic_write_json(out / SUMMARY_FILE, summary)
-    if not quiet and summary["reward_after"] is not None:
+    if not loop.quiet and summary["reward_after"] is not None:
         print(f"done: held-out reward {summary['reward_before']:+.4f} -> {summary['reward_after']:+.4f} · "
               f"KL {summary['kl_after']:.4f} nats · run dir {out} (gptlab chat {out})")
     return {**{k: v for k, v in result.items() if not k.startswith("eval_")}, **summary}
-

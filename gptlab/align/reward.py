@@ -38,10 +38,10 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, read_run_config, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
-from gptlab.run.format import CONFIG_FILE
 from gptlab.fileio import atomic_write_json
 from gptlab.plot import Line, Panel, plot
 from gptlab.train.metrics import read_metrics
+from gptlab.run.format import CONFIG_FILE, METRICS_FILE
 
 RECIPE = "reward"
 # InstructGPT trained its RMs for 1 epoch (more overfits), cosine decay, batch 64 prompts; lr suited to small models
@@ -323,7 +323,7 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
     tokens_per_sample = max(1, round(sum(len(s) for it in train_s for s in it.seqs) / len(train_s)))
     result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=rm_loss,
                  eval_fn=eval_fn, device=device, resume=resume)
-    plot_accuracy(out / "metrics.jsonl", out / "accuracy.png")
+    plot_accuracy(out / METRICS_FILE, out / "accuracy.png")
 
     # normalise: the reference responses' mean raw reward becomes the offset
     ref_prompts, ref_resp, ref_what = _reference_pairs(reference, held_p, train_p)

@@ -28,11 +28,12 @@ from typing import Callable
 
 import torch
 
-from gptlab.align.ppo import PPOConfig, _as_conversations, resolve_reward_fn
+from gptlab.align.ppo import PPOConfig, as_conversations, resolve_reward_fn
 from gptlab.align.ppo import ppo as run_ppo
 from gptlab.chat.template import END, render_ids
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write, atomic_write_json, read_json
+from gptlab.run.format import LATEST_FILE
 
 REWARD_KEYS = ("epochs", "heldout_fraction", "train", "reference", "dropout")
 RLHF_KEYS = ("init", "judge_samples", "judge_prompts")
@@ -113,7 +114,7 @@ def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts
     if reference not in ("policy", "sft"):
         raise GptlabError(f"rlhf: ppo reference must be 'sft' or 'policy', got {reference!r}")
     pcfg = PPOConfig.from_dict(ppo_cfg)  # checked once, before any training
-    convs = _as_conversations(prompts)
+    convs = as_conversations(prompts)
     sources = _round_sources(preferences, rounds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,10 +141,10 @@ def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts
         rm_dir = rd / "reward"
         rm = train_reward(rm_dir, str(data) if isinstance(data, Path) else data,
                           init_from=sft_from if init == "sft" else policy, quiet=quiet,
-                          resume=(rm_dir / "latest.json").exists(), **rm_kwargs)
+                          resume=(rm_dir / LATEST_FILE).exists(), **rm_kwargs)
         res = run_ppo(rd / "ppo", prompts, actor_from=policy, reward_from=rm_dir, config=pcfg.to_dict(), quiet=quiet,
                       reference_from=sft_from if reference == "sft" else policy,
-                      resume=(rd / "ppo" / "latest.json").exists())
+                      resume=(rd / "ppo" / LATEST_FILE).exists())
         info = {"round": r, "reward_data": str(data), "reward_run": str(rm_dir),
                 "heldout_accuracy": rm.get("heldout_accuracy"), "offset": rm.get("offset"),
                 "reward_before": res["reward_before"], "reward_after": res["reward_after"],

@@ -57,10 +57,6 @@ def quantize_asym(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2 ** bits - 1)
 
 
-def fake_quant_asym(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return scale * (quantize_asym(w, scale, zero, bits) - zero)
-
-
 def group_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, G) scales and zeros, one per row and group of `group_size` input columns (G = 1: per channel)."""
     out, cols = w.shape

@@ -16,6 +16,7 @@ from typing import Callable
 from gptlab.errors import GptlabError
 from gptlab.pipeline.config import PipelineConfig
 from gptlab.pipeline.state import PipelineState
+from gptlab.run.format import CONFIG_FILE, MODEL_FILE
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _pretrain(ctx: Ctx, c: dict, resume: bool) -> dict:
 def _n_params(run_dir: Path) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(run_dir / "model.safetensors"), "pt") as f:  # tied weights are stored once
+    with safe_open(str(run_dir / MODEL_FILE), "pt") as f:  # tied weights are stored once
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
@@ -188,7 +189,7 @@ def chat_models(ctx: Ctx) -> dict[str, Path]:
         out["dpo"] = ctx.dir("dpo")
     comp = ctx.dir("compress")
     for d in sorted(comp.iterdir()) if comp.is_dir() else []:
-        if (d / "config.json").exists():
+        if (d / CONFIG_FILE).exists():
             out[f"ppo+{d.name}"] = d
     return out
 

@@ -209,7 +209,13 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
     app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
     app.add_middleware(StatusCounter, metrics=srv.metrics)
+    for add_routes in (_error_handlers, _info_routes, _generation_routes, _token_routes):
+        add_routes(app, srv)
+    return app
 
+
+def _error_handlers(app: FastAPI, srv: Server) -> None:
+    """Every error is OpenAI-shaped JSON: our APIErrors, Starlette's (404, 405), and crashes (500, logged)."""
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -223,6 +229,9 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
+
+def _info_routes(app: FastAPI, srv: Server) -> None:
+    """The chat page, /health, /metrics and the model list."""
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse(resources.files("gptlab.serve").joinpath("static/index.html").read_text("utf-8"))
@@ -253,67 +262,80 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         srv.check_model({"model": model_id})
         return model_card()
 
-    async def generate(request: HTTPRequest, kind: str):
-        srv.authorize(request)
-        srv.ready()
-        body = await srv.body(request)
-        srv.check_model(body)
-        if kind == "chat":
-            warn_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
 
-            def encode(b):
-                msgs = chat_messages(b)
-                # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
-                # its own), as in `gptlab chat` and the pipeline
-                return [srv.chat_ids(msgs)], [m["content"] for m in msgs], srv.chat_stop_ids
-        else:
-            warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
-
-            def encode(b):
-                return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
-        # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
-        spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch)
-        if spec.logprobs is not None and srv.moderator is not None and srv.moderator.pattern is not None:
-            # logprobs carry every sampled token's text, so they would show what the blocklist redacts
-            raise APIError(400, "logprobs are not available on this server: its output filter redacts text that "
-                                "token logprobs would show", param="logprobs", code="logprobs_not_supported")
-        await srv.moderate_input(spec.prompt_texts)
-        req = srv.engine.submit(spec, asyncio.get_running_loop())
-        fmt = Formatter(req, srv.tok, srv.model_name)
-        if spec.stream:
-            return CancellingStream(_sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            checked = time.monotonic()
-            while True:
-                item = None
-                try:
-                    item = await asyncio.wait_for(req.queue.get(), 0.25)
-                except asyncio.TimeoutError:
-                    pass
-                if time.monotonic() - checked >= 0.25:  # deltas may arrive faster than that: check by time
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return PlainTextResponse("", status_code=499)
-                if item is None:
-                    continue
-                if item is DONE:
-                    return fmt.response()
-                if isinstance(item, APIError):
-                    raise item
-                for d in item:
-                    fmt.add(d)
-        finally:
-            srv.engine.cancel(req)  # no-op once finished
-
+def _generation_routes(app: FastAPI, srv: Server) -> None:
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        return await generate(request, "completion")
+        return await _generate(srv, request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        return await generate(request, "chat")
+        return await _generate(srv, request, "chat")
 
+
+async def _generate(srv: Server, request: HTTPRequest, kind: str):
+    """A completion or chat request: parsed and tokenized off the event loop, moderated, submitted to the
+    engine, then streamed (SSE) or collected into one response."""
+    srv.authorize(request)
+    srv.ready()
+    body = await srv.body(request)
+    srv.check_model(body)
+    if kind == "chat":
+        warn_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
+
+        def encode(b):
+            msgs = chat_messages(b)
+            # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
+            # its own), as in `gptlab chat` and the pipeline
+            return [srv.chat_ids(msgs)], [m["content"] for m in msgs], srv.chat_stop_ids
+    else:
+        warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
+
+        def encode(b):
+            return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
+    # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
+    spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch)
+    if spec.logprobs is not None and srv.moderator is not None and srv.moderator.pattern is not None:
+        # logprobs carry every sampled token's text, so they would show what the blocklist redacts
+        raise APIError(400, "logprobs are not available on this server: its output filter redacts text that "
+                            "token logprobs would show", param="logprobs", code="logprobs_not_supported")
+    await srv.moderate_input(spec.prompt_texts)
+    req = srv.engine.submit(spec, asyncio.get_running_loop())
+    fmt = Formatter(req, srv.tok, srv.model_name)
+    if spec.stream:
+        return CancellingStream(_sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return await _collect(req, fmt, request)
+    finally:
+        srv.engine.cancel(req)  # no-op once finished
+
+
+async def _collect(req, fmt: Formatter, request: HTTPRequest):
+    """A non-streamed response: the deltas gathered until done; a client that went away ends it (499)."""
+    checked = time.monotonic()
+    while True:
+        item = None
+        try:
+            item = await asyncio.wait_for(req.queue.get(), 0.25)
+        except asyncio.TimeoutError:
+            pass
+        if time.monotonic() - checked >= 0.25:  # deltas may arrive faster than that: check by time
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                return PlainTextResponse("", status_code=499)
+        if item is None:
+            continue
+        if item is DONE:
+            return fmt.response()
+        if isinstance(item, APIError):
+            raise item
+        for d in item:
+            fmt.add(d)
+
+
+def _token_routes(app: FastAPI, srv: Server) -> None:
+    """vLLM's /tokenize and /detokenize."""
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
         srv.authorize(request)
@@ -339,8 +361,6 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         if any(not 0 <= t < srv.tok.vocab_size for t in ids):
             raise APIError(400, f"token ids must be in 0..{srv.tok.vocab_size - 1}", param="tokens")
         return {"prompt": srv.tok.decode(ids)}
-
-    return app
 
 
 async def _sse(req, fmt: Formatter):
