@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -36,7 +37,12 @@ def parse_value(default, text: str):
                 raise ValueError(f"expected true/false, got {text!r}")
             return low in _TRUE
         if isinstance(default, int):
-            return int(float(text)) if any(c in text for c in ".eE") else int(text)
+            if any(c in text for c in ".eE"):  # 1e4 is an integer, 2.5 is not (no silent rounding)
+                f = float(text)
+                if not f.is_integer():
+                    raise ValueError("expected an integer")
+                return int(f)
+            return int(text)
         if isinstance(default, float):
             return float(text)
         if isinstance(default, tuple):
@@ -86,6 +92,26 @@ def coerce(cls, values: dict, section: str) -> dict:
             raise GptlabError(f"{section}.{k}: {e}") from None
         out[k] = v
     return out
+
+
+def check_ranges(obj, section: str, rules) -> None:
+    """One validation per config dataclass, called from its __post_init__: rules are (key, ok, what it must
+    be); numbers must also be finite. The first broken rule is a one-line error naming the key and value."""
+    for key, ok, want in rules:
+        v = getattr(obj, key)
+        if not ok or (isinstance(v, float) and not math.isfinite(v)):
+            raise GptlabError(f"{section}.{key} must be {want}, got {v!r}")
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be ≥ 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str, title: str | None = None) -> None:

@@ -364,7 +364,7 @@ def test_dropout_is_off_in_the_trained_actor_and_critic(tmp_path):
                                        ("actor_lr", 0), ("eval_samples", 0), ("max_new_tokens", 0), ("value_clip", -0.2),
                                        ("vf_coef", -1), ("micro_batch_size", -1)])
 def test_out_of_range_ppo_settings_are_one_line_errors(key, value):
-    with pytest.raises(GptlabError, match=f"ppo: {key} must be"):
+    with pytest.raises(GptlabError, match=f"ppo.{key} must be"):
         PPOConfig.from_dict({key: value})
 
 

@@ -33,6 +33,7 @@ from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.runtime import autocast
 from gptlab.train.engine import compute_dtype
+from gptlab.run.lock import writes_run_dir
 
 RECIPE = "dpo"
 # DPO paper: RMSprop lr 1e-6, batch 64, warmup 150 steps, β 0.1; small models here need a larger lr
@@ -130,6 +131,7 @@ def evaluate(model, batches, beta: float) -> dict:
     return {"val_loss": loss_sum / n, "heldout_reward_accuracy": right / n, "heldout_margin": margin / n}
 
 
+@writes_run_dir()
 def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta: float = 0.1, epochs: float = 1.0,
         heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """DPO into `out_dir` from the SFT run `init_from` (also the frozen reference) on preference `data` ->

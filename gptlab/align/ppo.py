@@ -43,6 +43,7 @@ from gptlab.stage import NO_DROPOUT, Start, begin, load_pretrained
 from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
+from gptlab.run.lock import writes_run_dir
 
 __all__ = ["PPOConfig", "ActorCritic", "PPOLoss", "ppo", "evaluate_policy", "plot_ppo", "resolve_reward_fn"]
 
@@ -239,6 +240,7 @@ def _ptx_data(cfg: PPOConfig, actor: GPT):
     return data
 
 
+@writes_run_dir()
 def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = None,
         reward_from: str | Path | None = None, reward_fn: Callable | str | None = None,
         critic_from: str | Path | None = None, config: PPOConfig | dict | None = None, resume: bool = False,

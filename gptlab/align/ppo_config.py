@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from gptlab.config import coerce, field
+from gptlab.config import check_ranges, coerce, field
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
 
@@ -94,9 +94,7 @@ class PPOConfig:
                   ("ratio_guard", self.ratio_guard is None or self.ratio_guard > 0, "> 0 (or none)"),
                   ("missing_end_penalty", self.missing_end_penalty is None or self.missing_end_penalty >= 0,
                    "≥ 0 (or none)"))
-        for k, ok, want in ranges:
-            if not ok:
-                raise GptlabError(f"ppo: {k} must be {want}, got {getattr(self, k)!r}")
+        check_ranges(self, "ppo", ranges)
         if self.temperature <= 0:
             raise GptlabError("ppo: temperature must be > 0 (PPO needs sampled responses)")
         if self.top_k or self.top_p < 1.0 or self.temperature != 1.0:

@@ -42,6 +42,7 @@ from gptlab.fileio import atomic_write_json
 from gptlab.plot import Line, Panel, plot
 from gptlab.train.metrics import read_metrics
 from gptlab.run.format import CONFIG_FILE, METRICS_FILE
+from gptlab.run.lock import writes_run_dir
 
 RECIPE = "reward"
 # InstructGPT trained its RMs for 1 epoch (more overfits), cosine decay, batch 64 prompts; lr suited to small models
@@ -251,6 +252,7 @@ def _reference_pairs(reference, heldout: list[Preference], train: list[Preferenc
     return [p.prompt for p in src], [p.responses[0] for p in src], f"the best-ranked {what} responses ({len(src)})"
 
 
+@writes_run_dir()
 def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = None, epochs: float = 1.0,
                  heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, reference=None,
                  dropout: bool = False, quiet: bool = False) -> dict:

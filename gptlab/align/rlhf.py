@@ -34,6 +34,7 @@ from gptlab.chat.template import END, render_ids
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write, atomic_write_json, read_json
 from gptlab.run.format import LATEST_FILE
+from gptlab.run.lock import writes_run_dir
 
 REWARD_KEYS = ("epochs", "heldout_fraction", "train", "reference", "dropout")
 RLHF_KEYS = ("init", "judge_samples", "judge_prompts")
@@ -87,6 +88,7 @@ def judge_comparisons(policy_dir: str | Path, conversations: list[list[dict]], j
     return len(rows)
 
 
+@writes_run_dir()
 def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts=None, rounds: int = 2,
          reward: dict | None = None, ppo: dict | None = None, judge: Callable | str | None = None,
          quiet: bool = False) -> dict:

@@ -35,6 +35,7 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, write_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
+from gptlab.run.lock import writes_run_dir
 
 RECIPE = "sft"
 # Small-model SFT defaults (TRL/OpenRLHF-like: AdamW, cosine to 10%, short warmup, no weight decay);
@@ -119,6 +120,7 @@ def encode_all(tok: Tokenizer, convs: list[list[dict]], T: int) -> tuple[list[Sa
     return out, n_trunc, n_drop
 
 
+@writes_run_dir()
 def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epochs: float | None = None,
         pack: bool = False, val_fraction: float = 0.05, train: dict | None = None, resume: bool = False,
         skip_empty: bool = False, quiet: bool = False) -> dict:

@@ -16,6 +16,7 @@ from gptlab.compress.prune import magnitude_prune, nm_prune, sparsity_of, struct
 from gptlab.compress.quant import Int8Linear, IntNLinear, LLMInt8Linear, rtn_intn
 from gptlab.compress.sparsegpt import sparsegpt_prune
 from gptlab.errors import GptlabError
+from gptlab.run.lock import writes_run_dir
 
 QUANT_METHODS = ("int8", "llm-int8", "rtn", "gptq")
 PRUNE_METHODS = ("magnitude", "nm", "structured")
@@ -124,6 +125,7 @@ def sparsegpt_model(model, tokens: torch.Tensor, sparsity: float = 0.5, n: int =
 
 
 # --- run dir in, run dir out -------------------------------------------------------------------------
+@writes_run_dir()
 def quantize(src_run, out_dir, *, method: str = "int8", bits: int = 8, group_size: int = 0, data=None,
              calib_samples: int = 128, seq_len: int | None = None, act_order: bool = False,
              threshold: float = 6.0, quiet: bool = False) -> Path:
@@ -141,6 +143,7 @@ def quantize(src_run, out_dir, *, method: str = "int8", bits: int = 8, group_siz
     return save_compressed(run.model, run.tokenizer, out_dir, run.config, src_run, steps + [step])
 
 
+@writes_run_dir()
 def prune(src_run, out_dir, *, method: str = "magnitude", sparsity: float = 0.5, scope: str = "layer", n: int = 0,
           m: int = 0, heads: int = 0, ffn: float = 0.0) -> Path:
     """Magnitude pruning: unstructured ('magnitude', per layer or global), 'nm' (keep n of every m) or
@@ -160,6 +163,7 @@ def prune(src_run, out_dir, *, method: str = "magnitude", sparsity: float = 0.5,
     return save_compressed(model, run.tokenizer, out_dir, run.config, src_run, steps + [step])
 
 
+@writes_run_dir()
 def sparsegpt(src_run, out_dir, *, data, sparsity: float = 0.5, n: int = 0, m: int = 0, quant_bits: int = 0,
               calib_samples: int = 128, seq_len: int | None = None, blocksize: int = 128, percdamp: float = 0.01,
               quiet: bool = False) -> Path:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from gptlab.data.shards import atomic_open, dtype_for_vocab, write_shard
 from gptlab.data.sources import iter_documents
 from gptlab.errors import GptlabError
+from gptlab.run.lock import writes_run_dir
 
 META_FILE = "meta.json"
 FORMAT = "gptlab-data"
@@ -39,6 +40,7 @@ _MIN_BATCH_CHARS, _MAX_BATCH_CHARS = 1 << 16, 1 << 22
 _worker_tok: Any = None  # set in each pool worker by _init_worker
 
 
+@writes_run_dir()
 def prepare(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,

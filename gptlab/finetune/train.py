@@ -33,6 +33,7 @@ from gptlab.stage.models import random_model
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig
+from gptlab.run.lock import writes_run_dir
 
 RECIPE = "gpt1-finetune"
 # GPT-1 §4.1 (fine-tuning details): lr 6.25e-5, batch 32, 3 epochs, linear decay with warmup over 0.2% of
@@ -239,6 +240,7 @@ def _report(model, origin, plan: Plan, cfg: TrainConfig, labels, n_train: int, n
           f"({cfg.max_iters * cfg.batch_size * cfg.grad_accum * world / n_train:.2f} epochs) · {cfg.dtype} on {device}")
 
 
+@writes_run_dir()
 def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str | None = None,
              init_from: str | Path | None = None, init: str | None = None, preset_name: str | None = None,
              tokenizer: str = "gpt2", dev: str | Path | None = None, dev_fraction: float | None = None,

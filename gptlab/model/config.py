@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from gptlab.config import coerce
+from gptlab.config import check_ranges, coerce
 from gptlab.errors import GptlabError
 
 ATTENTION_KINDS = ("dense", "local", "strided", "fixed")
@@ -70,8 +70,13 @@ class GPTConfig:
         if isinstance(self.head_out, bool) or not isinstance(self.head_out, int) or \
                 not {"": self.head_out == 0, "classifier": self.head_out >= 2, "scalar": self.head_out == 1}[self.head]:
             raise GptlabError(f"head_out must be {want} for head {self.head!r}, got {self.head_out!r}")
-        if not 0.0 <= self.head_pdrop < 1.0:
-            raise GptlabError(f"head_pdrop must be in [0, 1), got {self.head_pdrop!r}")
+        check_ranges(self, "model", (
+            *((k, 0.0 <= getattr(self, k) < 1.0, "in [0, 1)") for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "head_pdrop")),
+            ("head_dim", self.head_dim >= 1, "≥ 1 (0: n_embd / n_head)"), ("d_ff", self.d_ff >= 1, "≥ 1 (0: 4·n_embd)"),
+            ("ln_eps", self.ln_eps > 0, "> 0"), ("init_std", self.init_std > 0, "> 0"),
+            ("local_window", self.local_window >= 1, "≥ 1"), ("sparse_stride", self.sparse_stride >= 1, "≥ 1"),
+            ("sparse_c", "fixed" not in self.attention or 1 <= self.sparse_c <= self.sparse_stride,
+             "in [1, sparse_stride] for 'fixed' layers")))
 
     def layer_attention(self, layer: int) -> str:
         return self.attention[layer % len(self.attention)]
@@ -83,11 +88,10 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise GptlabError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        """A saved or given model config: keys checked, values coerced and validated (one-line errors)."""
+        if not isinstance(d, dict):
+            raise GptlabError(f"a model config is a mapping of keys to values, got {type(d).__name__}")
+        return cls(**coerce(cls, d, "model"))
 
     def num_params(self, include_position: bool = True) -> int:
         """Exact parameter count, computed from the shapes (no allocation)."""

@@ -13,6 +13,7 @@ from gptlab.pipeline.stages import SECTION, STAGE_NAMES, STAGES, Ctx, Stage, sta
 from gptlab.pipeline.state import PipelineState, stage_hash
 from gptlab.run.format import LATEST_FILE
 from gptlab.fileio import atomic_write_json
+from gptlab.run.lock import RunLock
 
 
 def _fmt(seconds: float) -> str:
@@ -45,16 +46,21 @@ def compute_hashes(ctx: Ctx) -> dict[str, str]:
 
 def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None = None,
                  resume_cmd: str = "gptlab pipeline", serve: bool = False, quiet: bool = False) -> dict:
-    """Run (or resume) the pipeline in `cfg.out`; returns {stage: result}. Writes report/ at the end."""
-    from gptlab.pipeline.report import write_report
-
+    """Run (or resume) the pipeline in `cfg.out`; returns {stage: result}. Writes report/ at the end. Holds
+    the pipeline directory's lock throughout (each stage also locks its own run dir)."""
     for name in (from_stage, only):
         if name:
             stage(name)  # validates the name
     if serve:
         cfg.serve["enabled"] = True
+    with RunLock(cfg.out):
+        return _run(cfg, from_stage, only, resume_cmd, quiet)
+
+
+def _run(cfg: PipelineConfig, from_stage: str | None, only: str | None, resume_cmd: str, quiet: bool) -> dict:
+    from gptlab.pipeline.report import write_report
+
     root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "pipeline.json", cfg.to_dict())  # the merged config this run used
     state = PipelineState(root)
     ctx = Ctx(cfg, root, state)

@@ -20,6 +20,7 @@ from gptlab.stage.models import build_model_config
 from gptlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.train.config import RECIPES, TrainConfig, resolve_train
+from gptlab.run.lock import writes_run_dir
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def _eval_loss(model: GPT, batches) -> float:
     return total / max(n, 1)
 
 
+@writes_run_dir()
 def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", recipe: str = "nanogpt",
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
              quiet: bool = False) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptlab.config import coerce, field
+from gptlab.config import check_ranges, coerce, field
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
 
@@ -62,8 +62,21 @@ class TrainConfig:
             raise GptlabError(f"schedule must be cosine|linear|constant, got {self.schedule!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise GptlabError(f"distributed must be ddp|fsdp, got {self.distributed!r}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_iters < 0 or self.log_interval < 1:
-            raise GptlabError("batch_size, grad_accum and log_interval must be ≥ 1 and max_iters ≥ 0")
+        check_ranges(self, "train", (
+            ("max_iters", self.max_iters >= 0, "≥ 0"), ("max_tokens", self.max_tokens >= 0, "≥ 0"),
+            ("batch_size", self.batch_size >= 1, "≥ 1"), ("block_size", self.block_size >= 0, "≥ 0 (0: the model's context)"),
+            ("grad_accum", self.grad_accum >= 1, "≥ 1"), ("batch_warmup_tokens", self.batch_warmup_tokens >= 0, "≥ 0"),
+            ("batch_start_tokens", self.batch_start_tokens >= 1, "≥ 1"), ("lr", self.lr >= 0, "≥ 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("warmup_iters", self.warmup_iters >= 0, "≥ 0"),
+            ("warmup_tokens", self.warmup_tokens >= 0, "≥ 0"), ("decay_iters", self.decay_iters >= 0, "≥ 0"),
+            ("decay_tokens", self.decay_tokens >= 0, "≥ 0"), ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"), ("grad_clip", self.grad_clip >= 0, "≥ 0 (0: off)"),
+            ("seed", 0 <= self.seed < 2**63, "in [0, 2^63)"), ("eval_interval", self.eval_interval >= 0, "≥ 0"),
+            ("eval_iters", self.eval_iters >= 0, "≥ 0"), ("sample_interval", self.sample_interval >= 0, "≥ 0"),
+            ("sample_tokens", self.sample_tokens >= 1, "≥ 1"), ("log_interval", self.log_interval >= 1, "≥ 1"),
+            ("checkpoint_interval", self.checkpoint_interval >= 0, "≥ 0"), ("keep_last", self.keep_last >= 1, "≥ 1"),
+            ("peak_flops", self.peak_flops >= 0, "≥ 0 (0: measured)")))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise GptlabError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
