@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except GptlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write the command did not foresee failing (disk full, read-only): one line, no traceback
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

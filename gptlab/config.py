@@ -38,13 +38,22 @@ def parse_value(default, text: str):
             return low in _TRUE
         if isinstance(default, int):
             if any(c in text for c in ".eE"):  # 1e4 is an integer, 2.5 is not (no silent rounding)
-                f = float(text)
+                try:
+                    f = float(text)
+                except ValueError:
+                    raise ValueError("expected an integer") from None
                 if not f.is_integer():
                     raise ValueError("expected an integer")
                 return int(f)
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError("expected an integer") from None
         if isinstance(default, float):
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if isinstance(default, tuple):
             return tuple(s.strip() for s in text.split(",") if s.strip())
         return text

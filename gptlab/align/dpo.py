@@ -28,7 +28,7 @@ from gptlab.errors import GptlabError
 from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
                           single_process, split_heldout, unwrap)
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, write_run_config
+from gptlab.run import check_vocab
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.runtime import autocast
@@ -186,7 +186,7 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
                  "n_train_pairs": len(train_pairs), "n_heldout_pairs": len(held_pairs),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
     init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
-    write_run_config(out, model.cfg, tok, stage="dpo", train=cfg.to_dict(), dpo=stage_cfg, init=init_cfg)
+    st.record(model.cfg, tok, stage="dpo", train=cfg.to_dict(), dpo=stage_cfg, init=init_cfg)
     if not quiet:
         print(f"dpo: {model.num_params() / 1e6:.2f}M parameters · β {beta:g} · reference = {init_from} (log-probs "
               f"precomputed) · {len(train_pairs):,} train / {len(held_pairs):,} held-out pairs "
@@ -206,9 +206,9 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     def eval_fn(m: torch.nn.Module, final: bool) -> dict:
         return evaluate(m, held_batches(list(range(len(held_pairs))) if final else subset), beta)
 
-    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample,
+    result = fit(model, cfg, st, batch_fn, info=info, tokens_per_sample=tokens_per_sample,
                  loss_fn=lambda m, b: dpo_terms(m, b, beta)[0], eval_fn=eval_fn if held_pairs else None,
-                 device=device, resume=resume)
+                 device=device)
     if not quiet and "heldout_reward_accuracy" in result:
         print(f"done: step {result['step']} · held-out reward accuracy {result['heldout_reward_accuracy']:.4f} · "
               f"margin {result['heldout_margin']:+.4f} · run dir {out}")

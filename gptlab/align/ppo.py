@@ -275,7 +275,7 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
                             reward_fn=reward_callable, autocast=lambda: autocast(device, train_dtype))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
     state = read_json(st.out / STATE_FILE, "ppo state") if resume and (st.out / STATE_FILE).exists() else {"kl_coef": {}}
-    write_run_config(st.out, actor.cfg, tok, stage="ppo", ppo=cfg.to_dict(), init=src.record(reward_spec),
+    st.record(actor.cfg, tok, stage="ppo", ppo=cfg.to_dict(), init=src.record(reward_spec),
                      data={"n_train_prompts": len(train_c), "n_eval_prompts": len(eval_c), "n_dropped": dropped})
     if not quiet:
         print(f"ppo: actor {actor.num_params() / 1e6:.2f}M + critic {critic.num_params() / 1e6:.2f}M trained "
@@ -292,7 +292,8 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
                      tokens_per_sample=max(1, round(n_prompt + cfg.max_new_tokens / 2)), loss_fn=loop.loss,
                      eval_fn=loop.evaluate, device=device, resume=resume, metrics_fn=loop.metrics,
                      export_fn=lambda sd: {k[len("actor."):]: v for k, v in sd.items() if k.startswith("actor.")},
-                     lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0).fit()
+                     lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0,
+                     on_checkpoint=st.on_checkpoint).fit()
     return _finish(loop, result, before, critic, tok)
 
 

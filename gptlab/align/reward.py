@@ -35,7 +35,7 @@ from gptlab.errors import GptlabError
 from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
                           single_process, split_heldout, unwrap)
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, load_run, read_run_config, write_run_config
+from gptlab.run import check_vocab, load_run, read_run_config
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.fileio import atomic_write_json
@@ -290,7 +290,7 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
                  "heldout_fraction": heldout_fraction, "n_train": len(train_s), "n_heldout": len(held_s),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
     init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
-    write_run_config(out, model.cfg, tok, stage="reward", train=cfg.to_dict(), reward_train=stage_cfg, init=init_cfg)
+    st.record(model.cfg, tok, stage="reward", train=cfg.to_dict(), reward_train=stage_cfg, init=init_cfg)
     if not quiet:
         ks = sorted({len(p.responses) for p in prefs})
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters · scalar head read at {READ_AT} · context {T}")
@@ -323,8 +323,8 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
         return out_
 
     tokens_per_sample = max(1, round(sum(len(s) for it in train_s for s in it.seqs) / len(train_s)))
-    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=rm_loss,
-                 eval_fn=eval_fn, device=device, resume=resume)
+    result = fit(model, cfg, st, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=rm_loss,
+                 eval_fn=eval_fn, device=device)
     plot_accuracy(out / METRICS_FILE, out / "accuracy.png")
 
     # normalise: the reference responses' mean raw reward becomes the offset

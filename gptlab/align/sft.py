@@ -32,7 +32,7 @@ from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids
 from gptlab.errors import GptlabError
 from gptlab.stage import EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule, split_heldout
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, write_run_config
+from gptlab.run import check_vocab
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.run.lock import writes_run_dir
@@ -164,7 +164,7 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
                  "max_iters_given": "max_iters" in given}
     if info.is_main:
         init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "pretrained"}
-        write_run_config(out, model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg)
+        st.record(model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg)
         if not quiet:
             print(f"sft: {model.num_params() / 1e6:.2f}M parameters · context {T} · chat tokens {' '.join(CHAT_TOKENS)}")
             print(f"data: {n_examples:,} train / {len(val_s):,} val conversations"
@@ -199,8 +199,8 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
         v = eval_loss(m, val_batches(by_len if final else subset))
         return {"val_loss": v, "val_ppl": math.exp(min(v, 50))}
 
-    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=sft_loss,
-                 eval_fn=eval_fn if val_s else None, device=device, resume=resume)
+    result = fit(model, cfg, st, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=sft_loss,
+                 eval_fn=eval_fn if val_s else None, device=device)
     result.update(n_train=n_examples, n_val=len(val_s), n_truncated=n_trunc + v_trunc, n_dropped=n_drop + v_drop)
     if info.is_main and not quiet:
         vl = result.get("val_loss")

@@ -87,6 +87,9 @@ class TokenData:
         buf = np.empty((len(starts), block_size + 1), dtype=np.int64)
         for row, s in zip(buf, starts):
             self._read(split, int(s), row)
+        if buf.size and int(buf.max()) >= self.vocab_size:  # a corrupt or hand-edited shard: no IndexError later
+            raise GptlabError(f"{self.data_dir}: the {split} shards hold token id {int(buf.max())}, outside the "
+                              f"vocabulary of {self.vocab_size} (meta.json); re-run `gptlab prepare`")
         return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     def _read(self, split: str, start: int, out: np.ndarray) -> None:

@@ -107,6 +107,8 @@ def _text(row: dict, name: str, where: str) -> str:
         if v is None or isinstance(v, (dict, list)):
             raise GptlabError(f"{where}: line {row.get('_line', '?')}: field {name!r} must be text, got {json.dumps(v)[:40]}")
         v = str(v)
+    if not v.strip():  # nothing to classify: a label learned from an empty input is noise
+        raise GptlabError(f"{where}: line {row.get('_line', '?')}: field {name!r} is empty; remove the row")
     return v
 
 

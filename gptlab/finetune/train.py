@@ -27,7 +27,7 @@ from gptlab.errors import GptlabError
 from gptlab.finetune.data import (Example, Fields, check_task, label_ids, label_names, load_examples, split_dev)
 from gptlab.finetune.tasks import TASK_TOKENS, add_task_tokens, encode_examples
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, write_run_config
+from gptlab.run import check_vocab
 from gptlab.stage import EpochOrder, Start, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule
 from gptlab.stage.models import random_model
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
@@ -280,7 +280,7 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
         init_cfg = st.saved.get("init") if resume else (
             {"from": str(Path(init_from).resolve()), "weights": "random" if init == "random" else "pretrained"}
             if init_from is not None else {"random": preset_name, "tokenizer": tokenizer})
-        write_run_config(st.out, model.cfg, tok, stage="finetune", train=cfg.to_dict(), init=init_cfg,
+        st.record(model.cfg, tok, stage="finetune", train=cfg.to_dict(), init=init_cfg,
                          task={"type": plan.task, "fields": fields.to_dict(), "labels": labels, "lm_coef": plan.lm_coef,
                                "epochs": plan.epochs, "n_train": len(train_ex), "n_dev": len(dev_ex)},
                          data={"train": str(Path(plan.data).resolve()), "dev": str(Path(plan.dev).resolve()) if plan.dev else None,
@@ -323,7 +323,7 @@ def _train(model, cfg: TrainConfig, st: Start, plan: Plan, tok, train_seqs, trai
 
     tokens_per_sample = max(1, round(sum(len(s) for ex in train_seqs for s in ex) / len(train_seqs)))
     try:
-        return fit(model, cfg, st.out, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=loss,
-                   eval_fn=eval_fn if dev_seqs else None, device=device, resume=st.resume)
+        return fit(model, cfg, st, batch_fn, info=info, tokens_per_sample=tokens_per_sample, loss_fn=loss,
+                   eval_fn=eval_fn if dev_seqs else None, device=device)
     finally:
         loss.close()

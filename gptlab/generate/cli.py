@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gptlab.config import add_dtype_arg
+from gptlab.config import add_dtype_arg, positive_int
 from gptlab.errors import GptlabError
 
 
@@ -114,7 +114,7 @@ def register(sub) -> None:
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=200)
-    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--num-samples", type=positive_int, default=1)
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default="cpu")
     add_dtype_arg(s)
@@ -124,7 +124,7 @@ def register(sub) -> None:
     g.add_argument("run_dir")
     g.add_argument("--prompt", help="prompt text (default: start of a new document)")
     g.add_argument("--file", help="a file of prompts, one per line, decoded together in one batch")
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--num-samples", type=positive_int, default=1)
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
@@ -25,7 +24,7 @@ from gptlab.run import check_vocab, load_run, write_run_config
 from gptlab.tokenizer import EOT, BPETokenizer, Tokenizer, build_tokenizer
 from gptlab.tokenizer.bpe import GPT2_PATTERN
 from gptlab.run.format import MODEL_FILE, load_state_into, model_state, read_safetensors, save_model
-from gptlab.fileio import read_json
+from gptlab.fileio import read_json, save_tensors
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 _BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")  # causal masks etc., not weights
@@ -107,6 +106,11 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     try:  # weights_only: a .bin is a pickle, and we never run a pickle's code
         sd = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises many types for truncated zips, bad pickles, forbidden globals
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            # torch's own message suggests weights_only=False, which would run the pickle's code: never
+            raise GptlabError(f"HF weights {path} hold Python objects besides tensors (a pickle that would run "
+                              "code to load); gptlab does not unpickle them. Convert the checkpoint to "
+                              "safetensors with a tool you trust, then import that") from None
         raise GptlabError(f"HF weights {path} are corrupt or not a plain weights file ({_one_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise GptlabError(f"HF weights {path} do not hold a flat name -> tensor state dict")
@@ -383,7 +387,7 @@ def export_hf(run_dir, out_dir) -> Path:
     files["generation_config.json"] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
                                        "max_length": cfg.block_size}
     with _staged_dir(out) as tmp:
-        save_file(_hf_state(run.model, mt), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(_hf_state(run.model, mt), tmp / "model.safetensors", metadata={"format": "pt"})
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
             (tmp / name).write_text(text, encoding="utf-8")

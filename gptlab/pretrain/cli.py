@@ -17,7 +17,7 @@ def cmd_pretrain(a) -> None:
     data, out = a.data or y.get("data"), a.out or y.get("out")
     if not data or not out:
         raise GptlabError("pretrain needs --data (a prepared data dir) and --out (the run dir)")
-    pretrain(data, out, preset_name=a.preset or y.get("preset", "small-4x128"), recipe=a.recipe or y.get("recipe", "nanogpt"),
+    pretrain(data, out, preset_name=a.preset or y.get("preset"), recipe=a.recipe or y.get("recipe", "nanogpt"),
              model_overrides=section_layer(a, y, GPTConfig, "model"),
              train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume)
 

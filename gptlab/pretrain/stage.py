@@ -13,7 +13,7 @@ import torch
 from gptlab.data.loader import TokenData
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
-from gptlab.run import check_vocab, write_run_config
+from gptlab.run import check_vocab
 from gptlab.sample import sample
 from gptlab.stage import begin, fit
 from gptlab.stage.models import build_model_config
@@ -21,6 +21,8 @@ from gptlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 from gptlab.train import distributed as D
 from gptlab.train.config import RECIPES, TrainConfig, resolve_train
 from gptlab.run.lock import writes_run_dir
+
+DEFAULT_PRESET = "small-4x128"
 
 
 @torch.no_grad()
@@ -33,8 +35,18 @@ def _eval_loss(model: GPT, batches) -> float:
     return total / max(n, 1)
 
 
+def _check_same_model(saved: GPTConfig, preset_name: str | None, overrides: dict, out: Path) -> None:
+    """--resume continues the saved model: a --preset or --model.* that asks for another one is refused."""
+    asked = build_model_config(preset_name, overrides, saved.vocab_size).to_dict() if preset_name else \
+        {**saved.to_dict(), **GPTConfig.from_dict({**saved.to_dict(), **overrides}).to_dict()}
+    diff = [f"{k} {saved.to_dict()[k]!r} → {v!r}" for k, v in asked.items() if saved.to_dict().get(k) != v]
+    if diff:
+        raise GptlabError(f"--resume continues the model {out} was started with; the --preset/--model.* given ask "
+                          f"for another ({', '.join(diff[:4])}): drop them, or start a new run in another --out")
+
+
 @writes_run_dir()
-def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", recipe: str = "nanogpt",
+def pretrain(data_dir: str, out_dir: str, preset_name: str | None = None, recipe: str = "nanogpt",
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
              quiet: bool = False) -> dict:
     data = TokenData(data_dir)
@@ -48,8 +60,9 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
                               "resume with the data the run was trained on")
         model_cfg = GPTConfig.from_dict(st.saved["model"])
         recipe = st.saved.get("train", {}).get("recipe", recipe)
+        _check_same_model(model_cfg, preset_name, model_overrides or {}, out)
     else:
-        model_cfg = build_model_config(preset_name, model_overrides or {}, tok.vocab_size)
+        model_cfg = build_model_config(preset_name or DEFAULT_PRESET, model_overrides or {}, tok.vocab_size)
         if model_cfg.head:
             raise GptlabError("pretraining trains the LM head only; task heads are added by `gptlab finetune`")
     check_vocab(model_cfg, tok, "pretrain")
@@ -68,10 +81,11 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
     torch.manual_seed(cfg.seed)  # same init on every rank
     model = GPT(model_cfg).to(device)
     if info.is_main:
-        write_run_config(out, model_cfg, tok, stage="pretrain", train=cfg.to_dict(),
-                         data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size})
+        st.record(model_cfg, tok, stage="pretrain", train=cfg.to_dict(),
+                  data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size})
         if not quiet:
-            origin = "resumed run" if resume else f"preset {preset_name}" + (" + overrides" if model_overrides else "")
+            origin = ("resumed run" if resume else
+                      f"preset {preset_name or DEFAULT_PRESET}" + (" + overrides" if model_overrides else ""))
             print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · "
                   f"{model_cfg.n_layer} layers × {model_cfg.n_embd} · context {model_cfg.block_size} · "
                   f"vocab {model_cfg.vocab_size} · attention {','.join(model_cfg.attention)}")
@@ -95,8 +109,8 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str = "small-4x128", reci
         start = torch.tensor([[tok.eot_id]], device=device)
         return tok.decode(sample(m, start, cfg.sample_tokens, 0.8, 200, generator=g)[0, 1:].tolist())
 
-    result = fit(model, cfg, out, batch_fn, info=info, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
-                 device=device, resume=resume)
+    result = fit(model, cfg, st, batch_fn, info=info, tokens_per_sample=T, eval_fn=eval_fn, sample_fn=sample_fn,
+                 device=device)
     if info.is_main and not quiet:
         vl = result.get("val_loss", float("nan"))
         print(f"done: step {result['step']} · val loss {vl:.4f} (ppl {math.exp(min(vl, 50)):.2f}) on the whole val split"

@@ -62,6 +62,14 @@ def read_run_config(run_dir: Path) -> dict:
     cfg = read_json(run_dir / CONFIG_FILE, "run config")
     if cfg.get("format") != RUN_FORMAT:
         raise GptlabError(f"{run_dir / CONFIG_FILE} is not a gptlab run config (format {cfg.get('format')!r})")
+    if not isinstance(cfg.get("model"), dict):
+        raise GptlabError(f"{run_dir / CONFIG_FILE} has no model section (a mapping of model keys); the file is damaged")
+    try:  # a hand-edited or damaged model section: named with its file here, not later by whoever reads it
+        GPTConfig.from_dict(cfg["model"])
+    except GptlabError as e:
+        raise GptlabError(f"{run_dir / CONFIG_FILE}: {e}") from None
+    if not isinstance(cfg.get("version", 0), int):
+        raise GptlabError(f"{run_dir / CONFIG_FILE}: version must be a whole number, got {cfg.get('version')!r}")
     if cfg.get("version", 0) > RUN_VERSION:
         raise GptlabError(f"{run_dir} was written by a newer gptlab (run format v{cfg['version']}); upgrade gptlab")
     return cfg

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write
+from gptlab.fileio import atomic_write, save_tensors
 
 RUN_FORMAT, RUN_VERSION = "gptlab-run", 1
 MODEL_FILE, CONFIG_FILE, LATEST_FILE = "model.safetensors", "config.json", "latest.json"
@@ -48,7 +48,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
     sd = model_state(model)
-    atomic_write(path, lambda p: save_file(sd, p, metadata={"format": "gptlab"}))
+    atomic_write(path, lambda p: save_tensors(sd, p, metadata={"format": "gptlab"}))
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:

@@ -102,7 +102,9 @@ class RunLock:
         except OSError as e:
             raise GptlabError(f"cannot write {d}: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {' '.join(['gptlab', *sys.argv[1:3]])} since {time.strftime('%H:%M:%S')}\n".encode())
+        command = " ".join(["gptlab", *sys.argv[1:]])
+        command = command if len(command) <= 120 else command[:119] + "…"
+        os.write(fd, f"{os.getpid()} {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         _held[key] = [fd, 1]
         _clean_leftovers(d)
         return self

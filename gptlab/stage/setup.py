@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.run import read_run_config
+from gptlab.run import read_run_config, write_run_config
 from gptlab.run.format import LATEST_FILE
 from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig, resolve_train  # noqa: F401  (part of the stage layer)
@@ -26,6 +26,22 @@ class Start:
     stage: str
     resume: bool
     saved: dict
+    pending: tuple | None = None  # a resumed run's new config.json, written with its first checkpoint
+
+    def record(self, model_cfg, tokenizer, **sections) -> None:
+        """The run's config.json: written now when the run starts; when it resumes, only once a checkpoint
+        with these settings is in place (`on_checkpoint`), so a resume that fails (NaN, a bad value, a
+        kill) leaves the recorded settings as they were."""
+        if self.resume:
+            self.pending = (model_cfg, tokenizer, sections)
+        else:
+            write_run_config(self.out, model_cfg, tokenizer, **sections)
+
+    def on_checkpoint(self) -> None:
+        if self.pending is not None:
+            model_cfg, tokenizer, sections = self.pending
+            write_run_config(self.out, model_cfg, tokenizer, **sections)
+            self.pending = None
 
     def section(self, key: str | None = None) -> dict:
         """The stage's own saved settings (config.json[key or stage])."""
@@ -85,11 +101,13 @@ def schedule(cfg: TrainConfig, given: set[str], n_train: int, epochs: float, war
                                batch_warmup_tokens=0)
 
 
-def fit(model: torch.nn.Module, cfg: TrainConfig, out: Path, batch_fn, *, info: D.DistInfo, **trainer_kw) -> dict:
-    """Train with the one engine; the process group is released on any exit."""
+def fit(model: torch.nn.Module, cfg: TrainConfig, st: Start, batch_fn, *, info: D.DistInfo, **trainer_kw) -> dict:
+    """Train with the one engine in the stage's run dir (resuming if it resumes; its new config recorded
+    with the first checkpoint); the process group is released on any exit."""
     from gptlab.train.engine import Trainer
 
     try:
-        return Trainer(model, cfg, out, batch_fn, dist_info=info, **trainer_kw).fit()
+        return Trainer(model, cfg, st.out, batch_fn, dist_info=info, resume=st.resume, on_checkpoint=st.on_checkpoint,
+                       **trainer_kw).fit()
     finally:
         D.cleanup(info)

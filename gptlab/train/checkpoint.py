@@ -16,10 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write, atomic_write_json, read_json
+from gptlab.fileio import atomic_write, atomic_write_json, read_json, save_tensors
 from gptlab.run.format import LATEST_FILE, MODEL_FILE, read_safetensors
 
 
@@ -81,22 +80,30 @@ class CheckpointManager:
         tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(model_sd, str(tmp / MODEL_FILE), metadata={"format": "gptlab"})
-        tensors, opt_meta = optimizer_tensors(opt_sd) if opt_sd is not None else ({}, None)
-        save_file({**(extra or {}), **tensors}, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            save_tensors(model_sd, tmp / MODEL_FILE, metadata={"format": "gptlab"})
+            tensors, opt_meta = optimizer_tensors(opt_sd) if opt_sd is not None else ({}, None)
+            save_tensors({**(extra or {}), **tensors}, tmp / "optimizer.safetensors")
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=2))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException:  # e.g. a full disk: free what was written at once
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():  # a stale folder from a crash after its rename but before latest.json moved
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.ckpt_dir)
-        if export_sd is None:
-            atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
-        else:
-            atomic_write(self.run_dir / MODEL_FILE, lambda p: save_file(export_sd, p, metadata={"format": "gptlab"}))
-        atomic_write_json(self.run_dir / LATEST_FILE, {"step": step, "checkpoint": final.name})
+        try:
+            if export_sd is None:
+                atomic_write(self.run_dir / MODEL_FILE, lambda p: shutil.copyfile(final / MODEL_FILE, p))
+            else:
+                atomic_write(self.run_dir / MODEL_FILE, lambda p: save_tensors(export_sd, p, metadata={"format": "gptlab"}))
+            atomic_write_json(self.run_dir / LATEST_FILE, {"step": step, "checkpoint": final.name})
+        except BaseException:  # latest.json still names the previous checkpoint: this one is not part of the run
+            shutil.rmtree(final, ignore_errors=True)
+            raise
         _fsync_dir(self.run_dir)
         self._prune(keep=final)
         return final

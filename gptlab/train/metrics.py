@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.fileio import atomic_write
 from gptlab.plot import Line, Panel, plot
 from gptlab.run.format import METRICS_FILE, parse_metrics, read_metrics  # noqa: F401  (read_metrics: re-exported)
 
@@ -24,8 +25,13 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [r for r in parse_metrics(self.path.read_text()) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            text = self.path.read_text()
+            recs = parse_metrics(text)
+            keep = [r for r in recs if r.get("step", 0) <= resume_step]
+            if len(keep) < len(text.splitlines()) or (text and not text.endswith("\n")):
+                # events after the checkpoint, or a line cut short by a kill: rewritten atomically, so a
+                # kill during the rewrite leaves the old file whole
+                atomic_write(self.path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in keep)))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -37,8 +43,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {"step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise GptlabError(f"cannot write {self.path}: {e.strerror or e} (its earlier lines and the last "
+                              "checkpoint are intact)") from None
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
