@@ -209,6 +209,14 @@ def test_generate_refuses_zero_samples(capsys):
     assert e.value.code == 2 and "--num-samples: must be ≥ 1, got 0" in capsys.readouterr().err
 
 
+def test_pruning_flags_of_another_method_are_refused(data, tmp_path, capsys):
+    assert _pretrain(data, tmp_path / "r", "--train.max_iters", "1") == 0
+    capsys.readouterr()
+    assert cli_main(["compress", "prune", str(tmp_path / "r"), "--out", str(tmp_path / "p"), "--n", "2", "--m", "4"]) == 2
+    assert _one_error(capsys) == "error: --n --m do not apply to --method magnitude; did you mean --method nm?"
+    assert not (tmp_path / "p").exists()
+
+
 def test_out_that_cannot_be_a_run_directory(data, tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     assert _pretrain(data, tmp_path / "afile") == 2

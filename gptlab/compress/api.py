@@ -150,6 +150,11 @@ def prune(src_run, out_dir, *, method: str = "magnitude", sparsity: float = 0.5,
     'structured' (remove `heads` heads and a fraction `ffn` of FFN channels per layer)."""
     if method not in PRUNE_METHODS:
         raise GptlabError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNE_METHODS)}")
+    stray = [f"--{k}" for k, v, owner in (("n", n, "nm"), ("m", m, "nm"), ("heads", heads, "structured"),
+                                           ("ffn", ffn, "structured")) if v and owner != method]
+    if stray:  # e.g. --n 2 --m 4 without --method nm would silently prune by magnitude
+        raise GptlabError(f"{' '.join(stray)} do not apply to --method {method}; did you mean --method "
+                          f"{'nm' if stray[0] in ('--n', '--m') else 'structured'}?")
     run, steps = _load_source(src_run)
     model = run.model
     if method == "magnitude":
