@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # `pip install torch==2.13.0` takes the CPU wheel already on our machines; other spellings pull CUDA builds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-avx2 install dev bench clean
+.PHONY: demo test test-avx2 install dev bench bench-omni clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ test-avx2: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/train_shakespeare_char.py
 	$(BIN)/python benchmarks/train_step.py --preset gpt2
+
+bench-omni: $(VENV)/.dev
+	$(BIN)/python benchmarks/omni.py --out runs/omni-bench
 
 clean:
 	rm -rf $(VENV) runs data *.egg-info

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "gptlab.pipeline.cli",    # pipeline
     "gptlab.serve.cli",       # serve
     "gptlab.run.cli",         # info
+    "gptlab.omni.cli",        # omni-data, omni-eval
 )
 
 

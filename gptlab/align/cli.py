@@ -29,8 +29,15 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
 def cmd_sft(a) -> None:
     from gptlab.align.sft import sft
 
+    from gptlab.config import read_config, section_layer
+    from gptlab.model import GPTConfig
+
+    from gptlab.train.config import TrainConfig
+
+    y = read_config(a.config, ("train", "model"))
     sft(a.out, a.data, init_from=a.init_from, epochs=a.epochs, pack=a.pack, val_fraction=a.val_fraction,
-        train=_train_layer(a), resume=a.resume, skip_empty=a.skip_empty)
+        train=section_layer(a, y, TrainConfig, "train"), resume=a.resume, skip_empty=a.skip_empty,
+        preset_name=a.preset, tokenizer=a.tokenizer, model_overrides=section_layer(a, y, GPTConfig, "model"))
 
 
 def add_sft_parser(sub) -> argparse.ArgumentParser:
@@ -44,7 +51,14 @@ def add_sft_parser(sub) -> argparse.ArgumentParser:
                                                        "example boundaries; targets do not)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="seeded random validation split [default: 0.05]")
     p.add_argument("--skip-empty", action="store_true", help="drop rows with an empty response instead of failing")
+    p.add_argument("--preset", help="instead of --from: random weights of this preset (e.g. an omni model trained "
+                                    "on its chat data alone), with --tokenizer")
+    p.add_argument("--tokenizer", help="with --preset: a tokenizer file (an omni-data folder's tokenizer.gptlab.json)")
     _common(p, "pretrained run directory to start from")
+    from gptlab.config import add_dataclass_args
+    from gptlab.model import GPTConfig
+
+    add_dataclass_args(p, GPTConfig, "model", "model options with --preset (--model.KEY VALUE)")
     p.set_defaults(func=cmd_sft)
     return p
 

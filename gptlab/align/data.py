@@ -80,7 +80,7 @@ def _text(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
     return v
 
 
-def _messages(v, where: str, key: str = "messages") -> list[Message]:
+def _messages(v, where: str, key: str = "messages", base: Path | None = None) -> list[Message]:
     if isinstance(v, str):  # CSV/TSV cells hold the list as JSON text
         try:
             v = json.loads(v)
@@ -88,6 +88,11 @@ def _messages(v, where: str, key: str = "messages") -> list[Message]:
             raise GptlabError(f"{where}: field {key!r} is not a JSON list of messages") from None
     if not isinstance(v, list):
         raise GptlabError(f"{where}: field {key!r} must be a list of {{'role', 'content'}} messages")
+    if any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in v):  # content parts: media
+        from gptlab.omni.media import load_content
+
+        v = [{**m, "content": load_content(m.get("content"), f"{where} message {i}", base)} if isinstance(m, dict)
+             else m for i, m in enumerate(v)]
     try:
         validate_messages(v)
     except GptlabError as e:
@@ -120,10 +125,11 @@ def _alpaca_user(instruction: str, inp: str) -> str:
     return instruction.strip() + (f"\n\n{inp.strip()}" if inp and inp.strip() else "")
 
 
-def _sft_conversations(row: dict, where: str) -> list[list[Message]]:
-    """One row -> its conversation(s), each ending on an assistant turn (not yet checked for emptiness)."""
+def _sft_conversations(row: dict, where: str, base: Path | None = None) -> list[list[Message]]:
+    """One row -> its conversation(s), each ending on an assistant turn (not yet checked for emptiness).
+    Media paths in content parts are relative to `base` (the data file's folder)."""
     if "messages" in row:
-        msgs = _messages(row["messages"], where)
+        msgs = _messages(row["messages"], where, base=base)
         while msgs and msgs[-1]["role"] != "assistant":  # trailing user turns train nothing
             msgs.pop()
         if not msgs:
@@ -156,13 +162,15 @@ def load_sft_examples(src: str | Path | list[dict], *, skip_empty: bool = False,
     """Demonstrations -> conversations ending on an assistant turn. An empty final response is an error
     (naming file and line) unless `skip_empty`, which drops such rows and reports how many."""
     rows, name = _rows(src, "SFT examples")
+    base = Path(src).parent if isinstance(src, (str, Path)) else None
     stats = stats if stats is not None else LoadStats()
     out: list[list[Message]] = []
     for row in rows:
         where = _where(name, row)
         stats.rows += 1
-        for conv in _sft_conversations(row, where):
-            if not conv[-1]["content"].strip():
+        for conv in _sft_conversations(row, where, base):
+            last = conv[-1]["content"]
+            if not (last.strip() if isinstance(last, str) else last):
                 if not skip_empty:
                     raise GptlabError(f"{where}: empty response (nothing to train on); fix the row or pass "
                                       "--skip-empty (skip_empty=True) to drop such rows")

@@ -31,6 +31,7 @@ from gptlab.align.data import load_sft_examples
 from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids
 from gptlab.errors import GptlabError
 from gptlab.stage import EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule, split_heldout
+from gptlab.stage.models import random_model
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -123,13 +124,18 @@ def encode_all(tok: Tokenizer, convs: list[list[dict]], T: int) -> tuple[list[Sa
 @writes_run_dir()
 def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epochs: float | None = None,
         pack: bool = False, val_fraction: float = 0.05, train: dict | None = None, resume: bool = False,
-        skip_empty: bool = False, quiet: bool = False) -> dict:
-    """Supervised fine-tuning into `out_dir` from the pretrained run `init_from` -> final metrics (loss,
-    val_loss, step, n_train, n_val, n_truncated, ...). `train` overrides TrainConfig keys."""
+        skip_empty: bool = False, quiet: bool = False, preset_name: str | None = None,
+        tokenizer: str | Path | None = None, model_overrides: dict | None = None) -> dict:
+    """Supervised fine-tuning into `out_dir` from the pretrained run `init_from` (or from random weights of
+    `preset_name` with the tokenizer file `tokenizer`: an omni model trained on its chat data alone) ->
+    final metrics (loss, val_loss, step, n_train, n_val, n_truncated, ...). `train` overrides TrainConfig keys."""
     st = begin(out_dir, "sft", resume)
     out, init_from = st.out, st.init_from(init_from)
-    if init_from is None and not resume:
-        raise GptlabError("sft needs --from RUN_DIR (a pretrained run to start from)")
+    if not resume and (init_from is None) == (preset_name is None):
+        raise GptlabError("sft starts from --from RUN_DIR (a pretrained run), or from random weights with "
+                          "--preset P --tokenizer FILE; give one of the two")
+    if not resume and preset_name is not None and tokenizer is None:
+        raise GptlabError("sft --preset needs --tokenizer FILE (e.g. the omni-data folder's tokenizer.gptlab.json)")
     data = st.data(data, "demonstrations: JSONL/JSON/CSV")
     pack, val_fraction = st.kept("pack", pack), st.kept("val_fraction", val_fraction)
     epochs = epochs if epochs is not None else st.section().get("epochs", EPOCHS)
@@ -142,9 +148,12 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     if resume:
         tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         model = GPT(GPTConfig.from_dict(st.saved["model"]))
-    else:
+    elif init_from is not None:
         model, tok = load_pretrained(init_from)
         tok = ensure_chat_tokens(tok, model)
+    else:
+        tok = ensure_chat_tokens(load_tokenizer(tokenizer))
+        model = random_model(preset_name, tok, model_overrides)
     check_vocab(model.cfg, tok, "sft")
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg.block_size = T
@@ -163,7 +172,9 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
                  "n_truncated": n_trunc + v_trunc, "n_dropped": n_drop + v_drop,
                  "max_iters_given": "max_iters" in given}
     if info.is_main:
-        init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "pretrained"}
+        init_cfg = st.saved.get("init") if resume else (
+            {"from": str(Path(init_from).resolve()), "weights": "pretrained"} if init_from is not None else
+            {"weights": "random", "preset": preset_name, "tokenizer": str(Path(tokenizer).resolve())})
         st.record(model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg)
         if not quiet:
             print(f"sft: {model.num_params() / 1e6:.2f}M parameters · context {T} · chat tokens {' '.join(CHAT_TOKENS)}")

@@ -18,12 +18,13 @@ def cmd_chat(a) -> None:
               "--max-new-tokens", file=sys.stderr)
     tok = ensure_chat_tokens(run.tokenizer, run.model)  # before the Generator: may grow the embeddings
     gen = Generator(run.model, tok, dtype=a.dtype)
-    run_chat(gen, tok, run.model.cfg.block_size, sampling_params(a), system=a.system)
+    run_chat(gen, tok, run.model.cfg.block_size, sampling_params(a), system=a.system, media_dir=a.media_dir)
 
 
 def register(sub) -> None:
     c = sub.add_parser("chat", help="multi-turn chat (commands: /reset, /system TEXT, /quit)")
     c.add_argument("run_dir")
     c.add_argument("--system", help="system message")
+    c.add_argument("--media-dir", default="chat_media", help="omni models: where image and audio replies are saved")
     add_sampling_args(c, temperature=0.7, max_new=256)
     c.set_defaults(func=cmd_chat)

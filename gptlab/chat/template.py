@@ -9,6 +9,10 @@ A conversation renders as, per message, ``<|role|>`` content ``<|end|>`` then a 
 
 Role and end markers are special ids; message content is always encoded with special tokens
 disabled, so text typed by a user can never become a role marker or ``<|endoftext|>``.
+
+Content is a string, or (an omni model's) list of parts in OpenAI's shape: {"type": "text", "text"},
+{"type": "image", "image": array} and {"type": "audio", "audio": 16 kHz array}; a media part becomes its
+marker-delimited codes (``OmniTokenizer.encode_media``), in the order given.
 """
 
 from __future__ import annotations
@@ -52,8 +56,15 @@ def validate_messages(messages: Sequence[Message]) -> None:
             raise GptlabError(f"message {i} must be a dict with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise GptlabError(f"message {i} has unknown role {m['role']!r} (use system, user or assistant)")
-        if not isinstance(m["content"], str):
-            raise GptlabError(f"message {i} content must be a string, got {type(m['content']).__name__}")
+        if isinstance(m["content"], list):
+            for j, part in enumerate(m["content"]):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", "image", "audio") or kind not in part:
+                    raise GptlabError(f"message {i} part {j} must be {{'type': 'text'|'image'|'audio', <type>: ...}}")
+                if kind == "text" and not isinstance(part["text"], str):
+                    raise GptlabError(f"message {i} part {j}: text must be a string")
+        elif not isinstance(m["content"], str):
+            raise GptlabError(f"message {i} content must be a string or a list of parts, got {type(m['content']).__name__}")
         if m["role"] == "system" and i != 0:
             raise GptlabError(f"message {i} is a system message; only the first message may be one")
 
@@ -66,9 +77,31 @@ def _chat_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {t: special[t] for t in CHAT_TOKENS}
 
 
+def content_ids(tokenizer: Tokenizer, content) -> list[int]:
+    """A message's content -> ids: text with special tokens disabled, media parts as their codes."""
+    if isinstance(content, str):
+        return tokenizer.encode(content)
+    ids: list[int] = []
+    for part in content:
+        if part["type"] == "text":
+            ids += tokenizer.encode(part["text"])
+        elif not hasattr(tokenizer, "encode_media"):
+            raise GptlabError(f"this model reads text only: it cannot take {part['type']} input")
+        else:
+            ids += tokenizer.encode_media(part["type"], part[part["type"]])
+    return ids
+
+
+def content_text(content) -> str:
+    """The text of a message's content; media parts shown as their empty marker pair."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] if p["type"] == "text" else f"<|{p['type']}|><|/{p['type']}|>" for p in content)
+
+
 def _message_ids(tokenizer: Tokenizer, m: Message, chat: dict[str, int],
                  newline: list[int]) -> tuple[list[int], list[bool]]:
-    content = tokenizer.encode(m["content"])  # special tokens disabled: content is always plain text
+    content = content_ids(tokenizer, m["content"])
     train = m["role"] == "assistant"
     ids = [chat[ROLE_TOKENS[m["role"]]], *content, chat[END], *newline]
     mask = [False] + [train] * (len(content) + 1) + [False] * len(newline)
@@ -97,7 +130,7 @@ def render_text(messages: Sequence[Message], add_generation_prompt: bool = True)
     """The conversation as text (for display and the Jinja export); encoding it with all special
     tokens allowed gives ``render_ids`` whenever no content contains special-token text."""
     validate_messages(messages)
-    text = "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}\n" for m in messages)
+    text = "".join(f"{ROLE_TOKENS[m['role']]}{content_text(m['content'])}{END}\n" for m in messages)
     return text + (ROLE_TOKENS["assistant"] if add_generation_prompt else "")
 
 

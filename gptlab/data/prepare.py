@@ -64,8 +64,9 @@ def prepare(
         raise GptlabError(f"{out}: exists and is not a folder")
     t0 = time.perf_counter()
 
-    docs = list(iter_documents(source, text_field=text_field))
-    tok = build_tokenizer(tokenizer, docs, progress=progress)
+    omni = _omni_tokenizer(tokenizer)
+    docs = [] if omni else list(iter_documents(source, text_field=text_field))
+    tok = omni or build_tokenizer(tokenizer, docs, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     # Drop the old completion marker before the first write: a crash below must not leave an
     # old meta.json describing a mix of old and new files.
@@ -76,7 +77,7 @@ def prepare(
     vocab_size, eot_id = tok.vocab_size, tok.eot_id
 
     t1 = time.perf_counter()
-    arrays = list(_tokenize(docs, tok, tok_path, num_workers, progress))
+    arrays = _conversations(source, tok) if omni else list(_tokenize(docs, tok, tok_path, num_workers, progress))
     n_chars = sum(map(len, docs))
     del docs
     t_tok = time.perf_counter() - t1
@@ -120,6 +121,39 @@ def prepare(
 
 
 # ---------------------------------------------------------------- tokenization
+
+def _omni_tokenizer(spec: str):
+    """The omni tokenizer file `spec` names, or None: with one, the source is chat examples with media."""
+    from gptlab.tokenizer import OmniTokenizer, load_tokenizer
+
+    if spec and Path(spec).exists():
+        tok = load_tokenizer(spec)
+        return tok if isinstance(tok, OmniTokenizer) else None
+    return None
+
+
+def _conversations(source, tok) -> list[np.ndarray]:
+    """Chat JSONL with content parts (images and audio by path) -> each conversation's ids + eot, rendered
+    with the one chat template, every modality as its codes: the documents of omni pretraining."""
+    from gptlab.chat.template import render_ids
+    from gptlab.data.records import read_rows
+    from gptlab.omni.media import load_content
+
+    dtype = dtype_for_vocab(tok.vocab_size)
+    out = []
+    for row in read_rows(source):
+        where = f"{source}:line {row.get('_line', '?')}"
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise GptlabError(f"{where}: with an omni tokenizer, rows are chat examples {{\"messages\": [...]}}")
+        msgs = [{"role": m.get("role"), "content": load_content(m.get("content"), where, Path(source).parent)}
+                for m in msgs]
+        try:
+            ids = render_ids(tok, msgs, add_generation_prompt=False)[0]
+        except GptlabError as e:
+            raise GptlabError(f"{where}: {e}") from None
+        out.append(np.array(ids + [tok.eot_id], dtype=dtype))
+    return out
 
 def _init_worker(tok_path: str) -> None:
     global _worker_tok

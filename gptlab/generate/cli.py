@@ -63,7 +63,11 @@ def cmd_generate(a) -> None:
         prompts += [ln for ln in text.splitlines() if ln.strip()]
     if not prompts:
         prompts = [""]
-    _, gen = _load_generator(a)
+    run, gen = _load_generator(a)
+    if hasattr(run.tokenizer, "codecs"):  # an omni model: chat turns with media in and out
+        return _generate_omni(a, gen, prompts, params)
+    if a.image or a.audio:
+        raise GptlabError(f"{a.run_dir} reads text only: --image and --audio need an omni model")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *rest: print(f"warning: {msg}", file=sys.stderr)
@@ -82,6 +86,24 @@ def cmd_generate(a) -> None:
         print(prompts[j // a.num_samples] + out.text)
         if j < len(outs) - 1:
             print("-" * 40)
+
+
+def _generate_omni(a, gen, prompts: list[str], params) -> None:
+    """Each prompt a user turn (with --image/--audio attached); replies' text printed, media saved in --out-dir."""
+    import dataclasses
+
+    from gptlab.chat.template import CHAT_TOKENS, render_ids
+    from gptlab.generate.spans import split_reply
+    from gptlab.omni.media import load_part, save_reply_media
+
+    tok = gen.tok
+    media = [load_part({"type": k, "path": p}, f"--{k}") for k, p in (("image", a.image), ("audio", a.audio)) if p]
+    params = dataclasses.replace(params, stop_token_ids=tuple(tok.special_tokens[t] for t in CHAT_TOKENS))
+    ids = [render_ids(tok, [{"role": "user", "content": [{"type": "text", "text": pr}, *media]}])[0] for pr in prompts]
+    for j, out in enumerate(gen.generate(ids, params, num_samples=a.num_samples)):
+        parts = split_reply(tok, out.token_ids)
+        paths = iter(save_reply_media(parts, a.out_dir, f"sample{j:03d}"))
+        print(" ".join(p["text"] if p["type"] == "text" else f"[{p['type']} saved to {next(paths)}]" for p in parts))
 
 
 def _replace_seed(params, seed):
@@ -126,5 +148,8 @@ def register(sub) -> None:
     g.add_argument("--file", help="a file of prompts, one per line, decoded together in one batch")
     g.add_argument("--num-samples", type=positive_int, default=1)
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--image", help="omni models: an image (PNG/JPEG) for the prompt")
+    g.add_argument("--audio", help="omni models: speech (WAV/FLAC) for the prompt")
+    g.add_argument("--out-dir", default="generated", help="omni models: where image and audio replies are saved")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

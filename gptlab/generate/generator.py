@@ -16,10 +16,11 @@ from gptlab.generate.cache import KVCache
 from gptlab.generate.logits import NgramBlocker, apply_penalties, next_tokens
 from gptlab.generate.packed import pack_linears
 from gptlab.generate.params import SamplingParams
+from gptlab.generate.spans import SpanGrammar
 from gptlab.generate.text import TextStream
 from gptlab.model import GPT
 from gptlab.runtime import linear_shape, resolve_dtype
-from gptlab.tokenizer import Tokenizer
+from gptlab.tokenizer import OmniTokenizer, Tokenizer
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Generator:
         ids, limits = [f[0] for f in fitted], [f[1].max_new_tokens for f in fitted]
         seeds = [None if params.seed is None else params.seed + k for _ in prompts for k in range(num_samples)]
         if params.num_beams > 1:
+            if isinstance(self.tok, OmniTokenizer):
+                raise GptlabError("beam search is not available for omni models (media spans are sampled or greedy)")
             return [self._beam_search(row, q) for row, (_, q) in zip(ids, fitted)]
         streams = [TextStream(self.tok, params.stop) for _ in ids]
         tokens: list[list[int]] = [[] for _ in ids]
@@ -147,9 +150,12 @@ class Generator:
             for i, r in enumerate(ids):
                 seen[i, r] = True
         ngrams = NgramBlocker(p.no_repeat_ngram_size, ids) if p.no_repeat_ngram_size else None
+        spans = SpanGrammar(self.tok, ids, p.modalities) if isinstance(self.tok, OmniTokenizer) else None
         running = [True] * B
         for step in range(steps):
             logits = apply_penalties(logits, p, seen, ngrams.banned() if ngrams else None)
+            if spans is not None:  # media spans: their codes only, images at their fixed length
+                logits = spans.mask(logits)
             nxt = next_tokens(logits, p, gens)
             toks = nxt.tolist()
             emitted, done = [], []
@@ -174,6 +180,8 @@ class Generator:
                 seen[torch.arange(B, device=self.device), nxt] = True
             if ngrams:
                 ngrams.push(toks)
+            if spans is not None:
+                spans.push(toks)
             logits = self._step(cache, nxt)
 
     # --- beam search -----------------------------------------------------------------------------

@@ -23,12 +23,14 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty (GPT-3: 0.6 with 4 beams)
     strict: bool = False  # an over-long prompt is an error instead of keeping its most recent tokens
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
+    modalities: tuple = ()  # an omni model's reply: the media it may produce ("image", "audio"); () = any it has
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "modalities", tuple(self.modalities))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
             (self.temperature >= 0, "temperature must be ≥ 0"),
@@ -38,6 +40,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be ≥ 0"),
             (self.num_beams >= 1, "num_beams must be ≥ 1"),
+            (set(self.modalities) <= {"text", "image", "audio"}, "modalities are text, image and audio"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -8,6 +8,7 @@ the engine; so is a non-streamed one (its handler polls for the disconnect while
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptlab.chat.template import CHAT_TOKENS, render_ids
+from gptlab.chat.template import CHAT_TOKENS, content_text, render_ids
 from gptlab.errors import GptlabError
 from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.engine import DONE, Engine
@@ -30,6 +31,7 @@ from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, completion_prompts,
                                    error_body, parse_json, parse_request, warn_unknown)
+from gptlab.serve.media import model_modalities, output_modalities
 from gptlab.serve.responses import Formatter
 
 log = logging.getLogger("gptlab.serve")
@@ -249,7 +251,8 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
 
     def model_card() -> dict:
         return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "gptlab",
-                "max_model_len": getattr(srv, "ctx", None)}
+                "max_model_len": getattr(srv, "ctx", None),
+                "modalities": sorted(model_modalities(srv.tok)) if getattr(srv, "tok", None) else ["text"]}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -284,10 +287,10 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
         warn_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
 
         def encode(b):
-            msgs = chat_messages(b)
+            msgs = chat_messages(b, srv.tok)
             # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
             # its own), as in `gptlab chat` and the pipeline
-            return [srv.chat_ids(msgs)], [m["content"] for m in msgs], srv.chat_stop_ids
+            return [srv.chat_ids(msgs)], [content_text(m["content"]) for m in msgs], srv.chat_stop_ids
     else:
         warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
 
@@ -295,6 +298,9 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
             return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
     # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
     spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch)
+    if kind == "chat":  # the media the reply may hold: the grammar allows exactly those spans
+        media, spec.audio_format = output_modalities(body, srv.tok)
+        spec.params = dataclasses.replace(spec.params, modalities=("text", *media))
     if spec.logprobs is not None and srv.moderator is not None and srv.moderator.pattern is not None:
         # logprobs carry every sampled token's text, so they would show what the blocklist redacts
         raise APIError(400, "logprobs are not available on this server: its output filter redacts text that "

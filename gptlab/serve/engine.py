@@ -28,11 +28,14 @@ import torch
 
 from gptlab.generate.cache import KVCache
 from gptlab.generate.generator import Generator
+from gptlab.generate.spans import SpanGrammar
 from gptlab.generate.text import TextStream
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.protocol import APIError, GenSpec
+from gptlab.serve.media import ReplyMedia
 from gptlab.serve.sampling import RowSampler, sample_rows
+from gptlab.tokenizer import OmniTokenizer
 
 log = logging.getLogger("gptlab.serve")
 DONE = object()  # queue item after a request's last delta
@@ -47,6 +50,7 @@ class Delta:
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, [(id, logprob)] top-k, text offset)
     finish_reason: str | None = None
     withhold: bool = False  # moderation flagged the whole choice: a non-streamed response drops its text
+    media: list = field(default_factory=list)  # an omni reply's ("audio", wave chunk) / ("image", array) events
 
 
 class Request:
@@ -73,8 +77,11 @@ class Row:
         seed = (p.seed + index % spec.n) % 2 ** 63 if p.seed is not None else secrets.randbits(63)
         self.req, self.index, self.prompt = req, index, prompt
         eot = tok.eot_id
+        omni = isinstance(tok, OmniTokenizer)
         self.sampler = RowSampler(p, torch.Generator(device=device).manual_seed(seed), prompt, tok.vocab_size,
-                                  spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs)
+                                  spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs,
+                                  SpanGrammar(tok, [prompt], p.modalities) if omni else None)
+        self.media = ReplyMedia(tok) if omni else None
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
         self.stream = TextStream(tok, p.stop)
         self.filter = moderator.output_filter() if moderator else None
@@ -249,7 +256,7 @@ class Engine:
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.metrics.observe_ttft(now - req.arrival)
-            if d.text or d.finish_reason or d.logprobs:
+            if d.text or d.finish_reason or d.logprobs or d.media:
                 out.setdefault(id(req), (req, []))[1].append(d)
             if d.finish_reason:
                 r.alive = False
@@ -272,17 +279,22 @@ class Engine:
         """Apply token t to row r: stop conditions, text delta, moderation."""
         r.generated += 1
         r.last = t
-        reason, ids, lps = None, [], []
+        reason, ids, lps, media = None, [], [], []
+        is_media = False
+        if r.media is not None and t not in r.stop_ids:  # an omni reply: codes and markers are not text
+            is_media, media = r.media.feed(t)
         if t in r.stop_ids:
             reason = "stop"
         else:
             ids.append(t)
             if lp is not None:
                 lps.append((t, lp[0], lp[1], len(r.stream.text)))  # where t's text starts, held-back text included
-            if r.stream.push(t):
+            if not is_media and r.stream.push(t):
                 reason = "stop"
             elif r.generated >= r.req.spec.params.max_new_tokens:
                 reason = "length"
+        if reason and r.media is not None and r.media.span is not None:
+            media += r.media.close()  # the reply ended inside a span: what it holds so far
         if reason:
             r.stream.finish()
         text = r.stream.delta(final=reason is not None)
@@ -302,4 +314,4 @@ class Engine:
             reason, withhold = "content_filter", True
             self.metrics.count_moderation("output", "refuse", "classifier")
             log.warning("moderation: classifier flagged the output of request %s", r.req.id)
-        return Delta(r.index, text, ids, lps, reason, withhold)
+        return Delta(r.index, text, ids, lps, reason, withhold, media)

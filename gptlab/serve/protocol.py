@@ -136,6 +136,7 @@ class GenSpec:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    audio_format: str | None = None  # an omni reply's audio: "wav" | "pcm16" (None: no audio asked for)
 
 
 def warn_unknown(body: dict, known: set[str], endpoint: str) -> None:
@@ -271,9 +272,10 @@ def completion_prompts(body: dict, tok, vocab: int) -> tuple[list[list[int]], li
     return [r or [tok.eot_id] for r in ids], texts  # an empty prompt starts a new document
 
 
-def chat_messages(body: dict) -> list[dict]:
+def chat_messages(body: dict, tok=None) -> list[dict]:
     """OpenAI messages -> the chat template's {role, content}: text content parts are joined, `developer`
-    is the system role (OpenAI renamed it), tool/function messages and images are 400s."""
+    is the system role (OpenAI renamed it), tool/function messages are 400s; image_url and input_audio
+    parts become media parts for an omni model (`tok`) and are 400s for any other."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -287,6 +289,11 @@ def chat_messages(body: dict) -> list[dict]:
             raise APIError(400, f"messages[{i}].role {role!r} is not supported (system, user, assistant)",
                            param="messages")
         content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+            from gptlab.serve.media import content_parts
+
+            out.append({"role": role, "content": content_parts(content, i, tok)})
+            continue
         if isinstance(content, list):
             parts = []
             for part in content:

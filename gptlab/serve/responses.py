@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+
 from gptlab.serve.engine import Delta, Request
+from gptlab.serve.media import audio_bytes, audio_message, b64, image_part
 
 
 def _token_str(tok, t: int) -> str:
@@ -48,6 +51,10 @@ class Formatter:
         self.texts = [""] * n
         self.entries: list[list] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
+        self.audio_format = req.spec.audio_format  # an omni reply with speech
+        self.waves: list[list] = [[] for _ in range(n)]
+        self.images: list[list] = [[] for _ in range(n)]
+        self.audio_ids = ["audio_" + req.id + f"_{i}" for i in range(n)]
 
     def prompt_text(self, index: int) -> str:
         return self.req.spec.prompt_texts[index // self.req.spec.n] if self.req.spec.echo else ""
@@ -55,6 +62,8 @@ class Formatter:
     # --- whole responses -----------------------------------------------------------------------
     def add(self, d: Delta) -> None:
         self.texts[d.index] += d.text
+        for kind, item in d.media:
+            (self.waves if kind == "audio" else self.images)[d.index].append(item)
         self.entries[d.index] += d.logprobs
         if d.finish_reason:
             self.finish[d.index] = d.finish_reason
@@ -70,8 +79,12 @@ class Formatter:
                 lp = (chat_logprobs(self.tok, self.entries[i]) if self.chat else
                       completion_logprobs(self.tok, self.entries[i], len(self.prompt_text(i))))
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": lp, "finish_reason": reason})
+                message = {"role": "assistant", "content": text, "refusal": None}
+                if self.audio_format:  # OpenAI's shape: the words are the audio's transcript, content is null
+                    message.update(content=None, audio=audio_message(self.waves[i], text, self.audio_format))
+                if self.images[i]:
+                    message["images"] = [image_part(im) for im in self.images[i]]
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": self.prompt_text(i) + text, "logprobs": lp,
                                 "finish_reason": reason})
@@ -102,6 +115,17 @@ class Formatter:
                   completion_logprobs(self.tok, d.logprobs, len(self.prompt_text(d.index))))
         if self.chat:
             delta = {"content": d.text} if d.text or not d.finish_reason else {}
+            if self.audio_format:  # text streams as the transcript, speech as base64 chunks
+                audio = {"id": self.audio_ids[d.index]}
+                if d.text:
+                    audio["transcript"] = d.text
+                waves = [w for kind, w in d.media if kind == "audio"]
+                if waves:
+                    audio["data"] = b64(audio_bytes(np.concatenate(waves), self.audio_format))
+                delta = {"audio": audio} if len(audio) > 1 else {}
+            images = [image_part(im) for kind, im in d.media if kind == "image"]
+            if images:
+                delta["images"] = images
             return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
         return self._chunk([{"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])
 

@@ -15,6 +15,7 @@ import torch
 
 from gptlab.generate.logits import filter_logits, repetition_penalty
 from gptlab.generate.params import SamplingParams
+from gptlab.generate.spans import SpanGrammar
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RowSampler:
     presence: float = 0.0
     frequency: float = 0.0
     logprobs: int | None = None
+    spans: SpanGrammar | None = None  # an omni model: media spans well-formed, only the modalities asked for
 
     def __post_init__(self) -> None:
         dev = self.gen.device
@@ -46,7 +48,7 @@ class RowSampler:
 
     @property
     def adjusts(self) -> bool:
-        return self.seen is not None or self.counts is not None or self.bias is not None
+        return self.seen is not None or self.counts is not None or self.bias is not None or self.spans is not None
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """(V,) -> (V,) with bias and penalties applied."""
@@ -56,9 +58,13 @@ class RowSampler:
             logits = repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.counts is not None:
             logits = logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence
+        if self.spans is not None:
+            logits = self.spans.mask(logits[None])[0]
         return logits
 
     def observe(self, token: int) -> None:
+        if self.spans is not None:
+            self.spans.push([token])
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:

@@ -1,4 +1,5 @@
-"""Tokenizers: one interface (``Tokenizer``), three implementations (char, trained BPE, GPT-2 BPE)."""
+"""Tokenizers: one interface for text (``Tokenizer``: char, trained BPE, GPT-2 BPE), one for other modalities
+(``Codec``: the learned image and speech tokenizers), and the omni vocabulary that joins them."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizer.base import EOT, TOKENIZER_FILE, Tokenizer, load_tokenizer
+from gptlab.tokenizer.audio import MelAudioCodec
+from gptlab.tokenizer.base import EOT, TOKENIZER_FILE, Codec, Tokenizer, load_tokenizer
 from gptlab.tokenizer.bpe import BPETokenizer, gpt2_tokenizer
 from gptlab.tokenizer.char import CharTokenizer
+from gptlab.tokenizer.image import PatchImageCodec
+from gptlab.tokenizer.omni import OmniTokenizer
 from gptlab.tokenizer.train_bpe import train_bpe
 
 __all__ = [
     "EOT", "TOKENIZER_FILE", "Tokenizer", "CharTokenizer", "BPETokenizer",
     "gpt2_tokenizer", "train_bpe", "load_tokenizer", "build_tokenizer",
+    "Codec", "PatchImageCodec", "MelAudioCodec", "OmniTokenizer",
 ]
 
 SPEC_FORMS = "'gpt2', 'char', 'bpe:N' (N merges, e.g. bpe:8000), or a path to a saved tokenizer file or its directory"

@@ -35,8 +35,8 @@ def as_id_list(ids: Iterable[int]) -> list[int]:
     return [int(i) for i in ids] if not isinstance(ids, list) else ids
 
 
-class Tokenizer(ABC):
-    """Text <-> token ids. Subclasses set ``kind`` and implement the abstract methods."""
+class _Saved(ABC):
+    """What every kind in the tokenizer file format shares: a registered ``kind``, JSON fields, ``save``."""
 
     kind: ClassVar[str]
 
@@ -44,6 +44,59 @@ class Tokenizer(ABC):
         super().__init_subclass__(**kwargs)
         if "kind" in cls.__dict__:
             _KINDS[cls.kind] = cls
+
+    @abstractmethod
+    def _fields(self) -> dict[str, Any]:
+        """Kind-specific JSON fields (everything except format/version/kind)."""
+
+    @classmethod
+    @abstractmethod
+    def _from_fields(cls, d: dict[str, Any]) -> _Saved:
+        """Inverse of ``_fields``; may raise KeyError/TypeError/ValueError on malformed input."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, **self._fields()}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer. A path ending in ``.json`` is the file; anything else is a directory
+        (created if needed) that receives ``tokenizer.gptlab.json``. Returns the file written."""
+        p = Path(path)
+        if p.is_dir() or p.suffix != ".json":
+            p = p / TOKENIZER_FILE
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")  # write-then-rename: never leave a half-written file
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=True), encoding="utf-8")
+        tmp.replace(p)
+        return p
+
+
+class Codec(_Saved):
+    """A modality's tokenizer: an item (an image, a waveform) <-> code ids 0..n_codes-1. Learned, saved in
+    the tokenizer file format; the omni tokenizer places its codes in the one vocabulary."""
+
+    modality: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def n_codes(self) -> int:
+        """Size of the codebook."""
+
+    @property
+    def tokens_per_item(self) -> int | None:
+        """A fixed number of codes per item (images), or None (audio: a rate, see ``codes_per_second``)."""
+        return None
+
+    @abstractmethod
+    def encode(self, item: np.ndarray) -> list[int]:
+        """An item in the codec's input layout -> code ids."""
+
+    @abstractmethod
+    def decode(self, codes: Sequence[int]) -> np.ndarray:
+        """Code ids -> the item they stand for."""
+
+
+class Tokenizer(_Saved):
+    """Text <-> token ids. Subclasses set ``kind`` and implement the abstract methods."""
 
     # --- vocabulary -------------------------------------------------------------------------
     @property
@@ -111,37 +164,13 @@ class Tokenizer(ABC):
         """Ids -> text; broken UTF-8 (e.g. a sampled partial character) becomes U+FFFD, never an error."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # --- persistence ------------------------------------------------------------------------
-    @abstractmethod
-    def _fields(self) -> dict[str, Any]:
-        """Kind-specific JSON fields (everything except format/version/kind)."""
-
-    @classmethod
-    @abstractmethod
-    def _from_fields(cls, d: dict[str, Any]) -> Tokenizer:
-        """Inverse of ``_fields``; may raise KeyError/TypeError/ValueError on malformed input."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "kind": self.kind, **self._fields()}
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the tokenizer. A path ending in ``.json`` is the file; anything else is a directory
-        (created if needed) that receives ``tokenizer.gptlab.json``. Returns the file written."""
-        p = Path(path)
-        if p.is_dir() or p.suffix != ".json":
-            p = p / TOKENIZER_FILE
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")  # write-then-rename: never leave a half-written file
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=True), encoding="utf-8")
-        tmp.replace(p)
-        return p
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a ``tokenizer.gptlab.json`` file, or a directory containing one."""
+def load_tokenizer(path: str | os.PathLike[str], expect: type | None = None) -> Tokenizer:
+    """Load a ``tokenizer.gptlab.json`` file, or a directory containing one; `expect` (default: a text
+    Tokenizer) is the class the file must hold, e.g. ``Codec`` for an image or audio tokenizer."""
     p = Path(path)
     if p.is_dir():
         p = p / TOKENIZER_FILE
@@ -160,6 +189,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     kind = d.get("kind")
     if kind not in _KINDS:
         raise GptlabError(f"{p}: unknown tokenizer kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
+    want = Tokenizer if expect is None else expect
+    if not issubclass(_KINDS[kind], want):
+        raise GptlabError(f"{p}: a {kind} tokenizer, not the {want.__name__.lower()} this needs")
     try:
         return _KINDS[kind]._from_fields(d)
     except GptlabError as e:

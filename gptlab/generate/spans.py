@@ -1,0 +1,144 @@
+"""Decoding an omni model's reply: which tokens may come next, and what the tokens mean.
+
+`SpanGrammar` keeps, per row, whether it is in text, in an image span or in an audio span, and masks the
+logits: in an image span only image codes, exactly the codec's tokens per image, then <|/image|>; in an
+audio span only audio codes until <|/audio|> (forced after `max_audio_codes`); outside spans no codes and no
+closing markers, and only the openers of the modalities asked for. `split_reply` turns the finished ids
+into parts: text, images (arrays) and waveforms. `AudioChunker` decodes an audio span in pieces while it
+is generated, so playback can start before the reply ends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizer.omni import MARKERS, OmniTokenizer
+
+
+class SpanGrammar:
+    def __init__(self, tok: OmniTokenizer, rows: list[list[int]], modalities: Sequence[str] = (),
+                 max_audio_codes: int = 1500):
+        self.tok = tok
+        self.out = [m for m in ("image", "audio") if tok.has(m) and (not modalities or m in modalities)]
+        self.ranges = {m: tok.code_range(m) for m in ("image", "audio") if tok.has(m)}
+        self.open = {tok.markers[MARKERS[m][0]]: m for m in self.ranges}
+        self.close = {m: tok.markers[MARKERS[m][1]] for m in self.ranges}
+        self.image_len = tok.codecs["image"].tokens_per_item if "image" in self.ranges else 0
+        self.max_audio = max_audio_codes
+        self.state: list[tuple[str | None, int]] = [(None, 0)] * len(rows)
+        for i, r in enumerate(rows):
+            for t in r:
+                self._advance(i, t)
+        V = tok.vocab_size
+        self._outside = torch.ones(V, dtype=torch.bool)  # allowed outside spans
+        for m, r in self.ranges.items():
+            self._outside[r.start:r.stop] = False
+            self._outside[self.close[m]] = False
+            if m not in self.out:
+                self._outside[tok.markers[MARKERS[m][0]]] = False
+        self._inside = {}
+        for m, r in self.ranges.items():
+            codes = torch.zeros(V, dtype=torch.bool)
+            codes[r.start:r.stop] = True
+            close = torch.zeros(V, dtype=torch.bool)
+            close[self.close[m]] = True
+            self._inside[m] = (codes, close, codes | close)
+
+    def _advance(self, i: int, t: int) -> None:
+        span, n = self.state[i]
+        if span is None:
+            self.state[i] = (self.open.get(t), 0)
+        elif t == self.close[span]:
+            self.state[i] = (None, 0)
+        else:
+            self.state[i] = (span, n + 1)
+
+    def allowed(self, i: int) -> torch.Tensor:
+        span, n = self.state[i]
+        if span is None:
+            return self._outside
+        codes, close, either = self._inside[span]
+        if span == "image":
+            return codes if n < self.image_len else close
+        return either if n < self.max_audio else close
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits with every token the grammar forbids at -inf."""
+        allowed = torch.stack([self.allowed(i) for i in range(len(self.state))]).to(logits.device)
+        return logits.masked_fill(~allowed[:, :logits.size(-1)], float("-inf"))
+
+    def push(self, tokens: list[int]) -> None:
+        for i, t in enumerate(tokens):
+            self._advance(i, t)
+
+
+def split_reply(tok: OmniTokenizer, ids: Sequence[int]) -> list[dict]:
+    """A reply's ids -> parts in order: {"type": "text", "text"}, {"type": "image", "image": (H, W) array},
+    {"type": "audio", "audio": 16 kHz waveform, "codes": n}. An unfinished span at the end (the reply ran
+    out of tokens) is decoded as far as it goes; an image missing codes is dropped."""
+    opens = {tok.markers[MARKERS[m][0]]: m for m in ("image", "audio") if tok.has(m)}
+    closes = {tok.markers[MARKERS[m][1]] for m in opens.values()}
+    parts: list[dict] = []
+    text: list[int] = []
+    span, codes = None, []
+
+    def flush_text():
+        if text:
+            s = tok.decode(text)
+            if parts and parts[-1]["type"] == "text":
+                parts[-1]["text"] += s
+            elif s:
+                parts.append({"type": "text", "text": s})
+            text.clear()
+
+    def flush_span():
+        if span == "image" and len(codes) == tok.codecs["image"].tokens_per_item:
+            parts.append({"type": "image", "image": tok.decode_media("image", codes)})
+        elif span == "audio" and codes:
+            parts.append({"type": "audio", "audio": tok.decode_media("audio", codes), "codes": len(codes)})
+
+    for t in ids:
+        if span is None and t in opens:
+            flush_text()
+            span, codes = opens[t], []
+        elif span is not None and t in closes:
+            flush_span()
+            span = None
+        elif span is not None:
+            codes.append(t)
+        elif t not in closes:
+            text.append(t)
+    flush_text()
+    if span is not None:
+        flush_span()
+    return parts
+
+
+class AudioChunker:
+    """Decode an audio span while it is generated: every `chunk` codes, the new audio (Griffin-Lim over the
+    span so far plus the new codes, with `context` codes of left context for smooth joins)."""
+
+    def __init__(self, tok: OmniTokenizer, chunk: int = 10, context: int = 10):
+        if not tok.has("audio"):
+            raise GptlabError("this model has no audio tokenizer")
+        self.tok, self.chunk, self.context = tok, chunk, context
+        self.codes: list[int] = []
+        self.done = 0  # codes already turned into audio
+        self.hop = tok.codecs["audio"].hop
+
+    def push(self, code_id: int) -> np.ndarray | None:
+        self.codes.append(code_id)
+        return self._emit() if len(self.codes) - self.done >= self.chunk else None
+
+    def finish(self) -> np.ndarray | None:
+        return self._emit() if len(self.codes) > self.done else None
+
+    def _emit(self) -> np.ndarray:
+        lo = max(0, self.done - self.context)
+        wave = self.tok.decode_media("audio", self.codes[lo:])
+        start = (self.done - lo) * self.hop
+        self.done = len(self.codes)
+        return wave[start:]
