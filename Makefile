@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   create .venv, install, fetch the Shakespeare corpus, run `gptlab pipeline` (about 20 min on 2 CPU cores)
+#   make demo   create .venv, install, fetch the Shakespeare corpus, run `gptlab pipeline` (6-10 min on 2 CPU cores)
 #   make test   install the dev extras and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
