@@ -146,7 +146,7 @@ def test_split_reply_and_streamed_audio(omni, digits, speech):
 def test_the_generator_keeps_spans_well_formed(omni):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=omni.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=32))
-    with torch.no_grad():  # an untrained model that loves codes and markers: the grammar alone must keep order
+    with torch.no_grad():  # all logits 0: uniform over whatever is allowed, so the grammar alone keeps order
         model.lm_head.weight.mul_(0)
     gen = Generator(model, omni)
     prompt = render_ids(omni, [{"role": "user", "content": "draw"}])[0]

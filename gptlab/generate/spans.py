@@ -3,9 +3,9 @@
 `SpanGrammar` keeps, per row, whether it is in text, in an image span or in an audio span, and masks the
 logits: in an image span only image codes, exactly the codec's tokens per image, then <|/image|>; in an
 audio span only audio codes until <|/audio|> (forced after `max_audio_codes`); outside spans no codes and no
-closing markers, and only the openers of the modalities asked for. `split_reply` turns the finished ids
-into parts: text, images (arrays) and waveforms. `AudioChunker` decodes an audio span in pieces while it
-is generated, so playback can start before the reply ends."""
+closing markers, and only the openers of the modalities asked for. `SpanReader` reads a reply token by token
+into media parts (the server streams with it: `AudioChunker` decodes speech in pieces while it is generated,
+so playback starts before the reply ends); `split_reply` turns finished ids into text, image and audio parts."""
 
 from __future__ import annotations
 
@@ -75,45 +75,68 @@ class SpanGrammar:
             self._advance(i, t)
 
 
+class SpanReader:
+    """Reads a reply token by token: `feed(t)` -> (whether t is media: a code or a marker, events). Events are
+    parts: {"type": "image", "image"} when an image span closes; {"type": "audio", "audio", "codes"} when an
+    audio span closes, or with `chunk`, a piece of audio every `chunk` codes (streaming)."""
+
+    def __init__(self, tok: OmniTokenizer, chunk: int | None = None):
+        self.tok, self.chunk = tok, chunk
+        self.opens = {tok.markers[MARKERS[m][0]]: m for m in ("image", "audio") if tok.has(m)}
+        self.closes = {tok.markers[MARKERS[m][1]] for m in self.opens.values()}
+        self.span: str | None = None
+        self.codes: list[int] = []
+        self.chunker: AudioChunker | None = None
+
+    def feed(self, t: int) -> tuple[bool, list[dict]]:
+        if self.span is None:
+            if t in self.opens:
+                self.span, self.codes = self.opens[t], []
+                self.chunker = AudioChunker(self.tok, self.chunk) if self.span == "audio" and self.chunk else None
+                return True, []
+            return t in self.closes, []
+        if t in self.closes:
+            return True, self.close()
+        self.codes.append(t)
+        wave = self.chunker.push(t) if self.chunker is not None else None
+        return True, ([{"type": "audio", "audio": wave}] if wave is not None else [])
+
+    def close(self) -> list[dict]:
+        """End the open span (its marker came, or the reply ended inside it): what it holds. An image missing
+        codes is dropped."""
+        span, codes, self.span = self.span, self.codes, None
+        if span == "audio" and self.chunker is not None:
+            wave = self.chunker.finish()
+            return [{"type": "audio", "audio": wave}] if wave is not None else []
+        if span == "audio" and codes:
+            return [{"type": "audio", "audio": self.tok.decode_media("audio", codes), "codes": len(codes)}]
+        if span == "image" and len(codes) == self.tok.codecs["image"].tokens_per_item:
+            return [{"type": "image", "image": self.tok.decode_media("image", codes)}]
+        return []
+
+
 def split_reply(tok: OmniTokenizer, ids: Sequence[int]) -> list[dict]:
     """A reply's ids -> parts in order: {"type": "text", "text"}, {"type": "image", "image": (H, W) array},
     {"type": "audio", "audio": 16 kHz waveform, "codes": n}. An unfinished span at the end (the reply ran
-    out of tokens) is decoded as far as it goes; an image missing codes is dropped."""
-    opens = {tok.markers[MARKERS[m][0]]: m for m in ("image", "audio") if tok.has(m)}
-    closes = {tok.markers[MARKERS[m][1]] for m in opens.values()}
-    parts: list[dict] = []
-    text: list[int] = []
-    span, codes = None, []
+    out of tokens) is decoded as far as it goes."""
+    reader, parts, text = SpanReader(tok), [], []
 
     def flush_text():
-        if text:
-            s = tok.decode(text)
-            if parts and parts[-1]["type"] == "text":
-                parts[-1]["text"] += s
-            elif s:
-                parts.append({"type": "text", "text": s})
-            text.clear()
-
-    def flush_span():
-        if span == "image" and len(codes) == tok.codecs["image"].tokens_per_item:
-            parts.append({"type": "image", "image": tok.decode_media("image", codes)})
-        elif span == "audio" and codes:
-            parts.append({"type": "audio", "audio": tok.decode_media("audio", codes), "codes": len(codes)})
+        s = tok.decode(text) if text else ""
+        if s:
+            parts.append({"type": "text", "text": s})
+        text.clear()
 
     for t in ids:
-        if span is None and t in opens:
-            flush_text()
-            span, codes = opens[t], []
-        elif span is not None and t in closes:
-            flush_span()
-            span = None
-        elif span is not None:
-            codes.append(t)
-        elif t not in closes:
+        media, events = reader.feed(t)
+        if not media:
             text.append(t)
+        elif events or reader.span is not None:
+            flush_text()
+            parts.extend(events)
     flush_text()
-    if span is not None:
-        flush_span()
+    if reader.span is not None:
+        parts.extend(reader.close())
     return parts
 
 

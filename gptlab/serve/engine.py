@@ -28,12 +28,11 @@ import torch
 
 from gptlab.generate.cache import KVCache
 from gptlab.generate.generator import Generator
-from gptlab.generate.spans import SpanGrammar
+from gptlab.generate.spans import SpanGrammar, SpanReader
 from gptlab.generate.text import TextStream
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.protocol import APIError, GenSpec
-from gptlab.serve.media import ReplyMedia
 from gptlab.serve.sampling import RowSampler, sample_rows
 from gptlab.tokenizer import OmniTokenizer
 
@@ -50,7 +49,7 @@ class Delta:
     logprobs: list = field(default_factory=list)  # per token: (id, logprob, [(id, logprob)] top-k, text offset)
     finish_reason: str | None = None
     withhold: bool = False  # moderation flagged the whole choice: a non-streamed response drops its text
-    media: list = field(default_factory=list)  # an omni reply's ("audio", wave chunk) / ("image", array) events
+    media: list = field(default_factory=list)  # an omni reply's parts: audio chunks, images (SpanReader events)
 
 
 class Request:
@@ -81,7 +80,7 @@ class Row:
         self.sampler = RowSampler(p, torch.Generator(device=device).manual_seed(seed), prompt, tok.vocab_size,
                                   spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs,
                                   SpanGrammar(tok, [prompt], p.modalities) if omni else None)
-        self.media = ReplyMedia(tok) if omni else None
+        self.media = SpanReader(tok, chunk=10) if omni else None  # speech streams in 0.2 s pieces
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
         self.stream = TextStream(tok, p.stop)
         self.filter = moderator.output_filter() if moderator else None

@@ -13,10 +13,8 @@ import uuid
 import numpy as np
 
 from gptlab.errors import GptlabError
-from gptlab.generate.spans import AudioChunker
 from gptlab.omni.media import load_part, png_bytes, resample, wav_bytes
 from gptlab.serve.protocol import APIError
-from gptlab.tokenizer.omni import MARKERS
 
 AUDIO_FORMATS = ("wav", "pcm16")
 PCM16_RATE = 24000  # OpenAI's pcm16: 16-bit little-endian mono at 24 kHz
@@ -75,43 +73,6 @@ def output_modalities(body: dict, tok) -> tuple[tuple[str, ...], str | None]:
     elif audio is not None:
         raise APIError(400, "'audio' needs \"audio\" in modalities", param="audio")
     return tuple(m for m in mods if m != "text"), fmt
-
-
-class ReplyMedia:
-    """One choice's media while it is decoded: token ids in, events out (audio chunks as they are ready, an
-    image when its span closes); text tokens are left to the text stream."""
-
-    def __init__(self, tok, chunk: int = 10):
-        self.tok = tok
-        self.opens = {tok.markers[MARKERS[m][0]]: m for m in ("image", "audio") if tok.has(m)}
-        self.closes = {tok.markers[MARKERS[m][1]] for m in self.opens.values()}
-        self.span, self.codes, self.chunker, self.chunk = None, [], None, chunk
-
-    def feed(self, t: int) -> tuple[bool, list[tuple[str, np.ndarray]]]:
-        """-> (whether t belongs to media, events)."""
-        if self.span is None and t in self.opens:
-            self.span, self.codes = self.opens[t], []
-            self.chunker = AudioChunker(self.tok, self.chunk) if self.span == "audio" else None
-            return True, []
-        if self.span is None:
-            return t in self.closes, []
-        if t in self.closes:
-            return True, self.close()
-        self.codes.append(t)
-        if self.chunker is not None:
-            wave = self.chunker.push(t)
-            return True, [("audio", wave)] if wave is not None else []
-        return True, []
-
-    def close(self) -> list[tuple[str, np.ndarray]]:
-        """End the open span (its marker came, or the reply ended inside it)."""
-        span, self.span = self.span, None
-        if span == "audio":
-            wave = self.chunker.finish()
-            return [("audio", wave)] if wave is not None else []
-        if span == "image" and len(self.codes) == self.tok.codecs["image"].tokens_per_item:
-            return [("image", self.tok.decode_media("image", self.codes))]
-        return []
 
 
 def audio_bytes(wave: np.ndarray, fmt: str) -> bytes:

@@ -62,8 +62,8 @@ class Formatter:
     # --- whole responses -----------------------------------------------------------------------
     def add(self, d: Delta) -> None:
         self.texts[d.index] += d.text
-        for kind, item in d.media:
-            (self.waves if kind == "audio" else self.images)[d.index].append(item)
+        for part in d.media:
+            (self.waves if part["type"] == "audio" else self.images)[d.index].append(part[part["type"]])
         self.entries[d.index] += d.logprobs
         if d.finish_reason:
             self.finish[d.index] = d.finish_reason
@@ -119,11 +119,11 @@ class Formatter:
                 audio = {"id": self.audio_ids[d.index]}
                 if d.text:
                     audio["transcript"] = d.text
-                waves = [w for kind, w in d.media if kind == "audio"]
+                waves = [p["audio"] for p in d.media if p["type"] == "audio"]
                 if waves:
                     audio["data"] = b64(audio_bytes(np.concatenate(waves), self.audio_format))
                 delta = {"audio": audio} if len(audio) > 1 else {}
-            images = [image_part(im) for kind, im in d.media if kind == "image"]
+            images = [image_part(p["image"]) for p in d.media if p["type"] == "image"]
             if images:
                 delta["images"] = images
             return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
