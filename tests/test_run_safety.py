@@ -336,3 +336,15 @@ def test_an_empty_text_in_a_finetuning_file_is_refused(tmp_path):
     f.write_text('{"text": "fine", "label": 1}\n{"text": "  ", "label": 0}\n')
     with pytest.raises(GptlabError, match=r"line 2: field 'text' is empty; remove the row"):
         load_examples(f, "classification")
+
+
+def test_sft_refuses_ambiguous_starts_before_writing(tmp_path):
+    from gptlab.align.sft import sft
+
+    rows = [{"prompt": "a", "response": "b"}]
+    for kw, msg in [({"init_from": tmp_path / "run", "model_overrides": {"n_layer": 1}}, r"--model\.\* options shape a new"),
+                    ({}, "give one of the two"), ({"init_from": tmp_path / "run", "preset_name": "tiny"}, "give one of the two"),
+                    ({"preset_name": "tiny"}, "--preset needs --tokenizer")]:
+        with pytest.raises(GptlabError, match=msg):
+            sft(tmp_path / "out", rows, **kw)
+        assert not (tmp_path / "out").exists()

@@ -134,6 +134,9 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     if not resume and (init_from is None) == (preset_name is None):
         raise GptlabError("sft starts from --from RUN_DIR (a pretrained run), or from random weights with "
                           "--preset P --tokenizer FILE; give one of the two")
+    if model_overrides and (resume or init_from is not None):  # not silently ignored
+        raise GptlabError("--model.* options shape a new model from --preset; a run started --from another run "
+                          "(or resumed) keeps that run's model")
     if not resume and preset_name is not None and tokenizer is None:
         raise GptlabError("sft --preset needs --tokenizer FILE (e.g. the omni-data folder's tokenizer.gptlab.json)")
     data = st.data(data, "demonstrations: JSONL/JSON/CSV")
