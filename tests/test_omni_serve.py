@@ -155,16 +155,8 @@ def test_a_text_only_model_refuses_media_in_and_out():
                       text_only)
 
 
-def test_web_page_attaches_media_and_plays_spoken_replies_in_headless_chromium(omni_run, omni_server, tmp_path):
-    import shutil
-
-    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (browser and driver_path):
-        msg = "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    webdriver = pytest.importorskip("selenium.webdriver")
+def test_web_page_attaches_media_and_plays_spoken_replies_in_headless_chromium(omni_run, omni_server, tmp_path,
+                                                                               chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -172,14 +164,8 @@ def test_web_page_attaches_media_and_plays_spoken_replies_in_headless_chromium(o
     (tmp_path / "q.png").write_bytes(base64.b64decode(img))
     (tmp_path / "q.wav").write_bytes(base64.b64decode(wav))
     opener = load_run(omni_run / "run").tokenizer.markers["<|audio|>"]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream", "--window-size=1000,700"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = chromium("--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+                      "--use-fake-device-for-media-stream")
     try:
         driver.get(omni_server.url + "/")
         wait = WebDriverWait(driver, 30)

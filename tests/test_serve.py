@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -314,26 +313,13 @@ def test_logprobs_cannot_show_what_the_blocklist_redacts(busy_server):
     assert r.json()["error"]["param"] == "logprobs" and s.term not in r.text
 
 
-def test_web_chat_page_in_headless_chromium(server, tmp_path):
-    browser, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (browser and driver_path):
-        msg = "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    webdriver = pytest.importorskip("selenium.webdriver")
+def test_web_chat_page_in_headless_chromium(server, tmp_path, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     html = httpx.get(server.url + "/").text
     assert "<script" in html and not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # no external assets
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1000,700"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = chromium()
     try:
         driver.get(server.url + "/")
         driver.find_element(By.ID, "apikey").send_keys(KEY)
