@@ -67,7 +67,10 @@ class SpanGrammar:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits with every token the grammar forbids at -inf."""
-        allowed = torch.stack([self.allowed(i) for i in range(len(self.state))]).to(logits.device)
+        if self._outside.device != logits.device:  # the masks live where the logits are: no copy per step
+            self._outside = self._outside.to(logits.device)
+            self._inside = {m: tuple(t.to(logits.device) for t in ts) for m, ts in self._inside.items()}
+        allowed = torch.stack([self.allowed(i) for i in range(len(self.state))])
         return logits.masked_fill(~allowed[:, :logits.size(-1)], float("-inf"))
 
     def push(self, tokens: list[int]) -> None:

@@ -33,7 +33,7 @@ def load_image(src) -> np.ndarray:
         im.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise GptlabError(f"not a readable image ({src if not isinstance(src, bytes) else 'bytes'}): {e}") from None
-    return np.asarray(im.convert("L" if im.mode in ("L", "LA", "I", "I;16", "1", "P") and im.mode != "P" else "RGB"))
+    return np.asarray(im.convert("L" if im.mode in ("L", "LA", "I", "I;16", "1") else "RGB"))  # palettes: colour
 
 
 def load_audio(src) -> np.ndarray:
