@@ -69,7 +69,7 @@ def test_image_codec_reconstructs_held_out_digits(digits, image_codec, tmp_path)
     image_codec.save(tmp_path / "img.json")
     back = load_tokenizer(tmp_path / "img.json", Codec)
     assert back.encode(test[0]) == image_codec.encode(test[0])
-    with pytest.raises(GptlabError, match="not the tokenizer this needs"):
+    with pytest.raises(GptlabError, match="holds a .image-patch-vq. tokenizer; a text tokenizer is needed here"):
         load_tokenizer(tmp_path / "img.json")  # a codec is not a text tokenizer
     with pytest.raises(GptlabError, match="an image is 16 codes"):
         image_codec.decode([0] * 15)
@@ -230,3 +230,90 @@ def test_tokenizer_cli_and_prepare_read_the_omni_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["tokenizer", "train", str(tmp_path / "nothing"), "--kind", "image", "--out", str(tmp_path / "x.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _hf_layout(rows: list[dict], base) -> dict:
+    """The corpus's JSONL rows in TRL's vision layout: parts {"type": "image"} / {"type": "audio"} as
+    placeholders, the media themselves as file bytes in `images` / `audios` columns."""
+    cols = {"messages": [], "images": [], "audios": []}
+    for r in rows:
+        msgs, ims, auds = [], [], []
+        for m in r["messages"]:
+            parts = []
+            for p in m["content"]:
+                if p["type"] == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                else:
+                    (ims if p["type"] == "image" else auds).append({"bytes": (base / p["path"]).read_bytes(), "path": None})
+                    parts.append({"type": p["type"], "text": None})
+            msgs.append({"role": m["role"], "content": parts})
+        cols["messages"].append(msgs)
+        cols["images"].append(ims)
+        cols["audios"].append(auds)
+    return cols
+
+
+def test_hugging_face_datasets_with_image_and_audio_columns_read_like_the_jsonl(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from gptlab.align.data import load_sft_examples
+    from gptlab.data.prepare import prepare
+
+    d = tmp_path / "c"
+    build_corpus(d, per_task=2, test_per_task=1, image_codes=16, audio_codes=16, quiet=True)
+    rows = [json.loads(ln) for ln in (d / "train.jsonl").read_text().splitlines()]
+    features = datasets.Features({
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(
+            {"type": datasets.Value("string"), "text": datasets.Value("string")})}),
+        "images": datasets.List(datasets.Image()), "audios": datasets.List(datasets.Audio())})
+    # built with the media as plain {bytes, path} structs, then cast: writing an Audio column through
+    # datasets' encoder needs torchcodec, reading one undecoded (as gptlab does) does not
+    media = datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
+    plain = datasets.Features({**features, "images": media, "audios": media})
+    ds = datasets.Dataset.from_dict(_hf_layout(rows, d), features=plain).cast(features)
+    assert isinstance(ds.features["audios"].feature, datasets.Audio)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hfdict"))
+
+    want = load_sft_examples(str(d / "train.jsonl"))
+    for src in (tmp_path / "hf", tmp_path / "hfdict"):
+        got = load_sft_examples(str(src))
+        assert len(got) == len(want) == 12
+        for a, b in zip(got, want):  # the same arrays, decoded by Pillow / soundfile from the column bytes
+            for ma, mb in zip(a, b):
+                assert ma["role"] == mb["role"] and len(ma["content"]) == len(mb["content"])
+                for pa, pb in zip(ma["content"], mb["content"]):
+                    assert pa["type"] == pb["type"]
+                    key = pa["type"]
+                    assert np.array_equal(pa[key], pb[key]) if key != "text" else pa["text"] == pb["text"]
+    tok = str(d / "tokenizer.gptlab.json")
+    a = prepare(str(tmp_path / "hf"), str(tmp_path / "s1"), tokenizer=tok, val_fraction=0.2, progress=False)
+    b = prepare(str(d / "train.jsonl"), str(tmp_path / "s2"), tokenizer=tok, val_fraction=0.2, progress=False)
+    assert a["n_tokens"] == b["n_tokens"] and a["n_documents"] == b["n_documents"]
+    shards = sorted(f.name for f in (tmp_path / "s2").iterdir() if f.suffix != ".json" and not f.name.startswith("."))
+    assert shards and all((tmp_path / "s1" / f).read_bytes() == (tmp_path / "s2" / f).read_bytes() for f in shards)
+
+    cols = _hf_layout(rows[:1], d)
+    cols["images"][0] = []  # a placeholder without its image: one line naming the row
+    datasets.Dataset.from_dict(cols, features=plain).cast(features).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(GptlabError, match=r"bad row 1 message 0 part 1: an image placeholder"):
+        load_sft_examples(str(tmp_path / "bad"))
+    with pytest.raises(GptlabError, match="no 'test' split"):
+        from gptlab.data.hf_rows import read_hf_rows
+        read_hf_rows(str(tmp_path / "hfdict"), split="test")
+
+
+def test_a_new_omni_model_starts_its_code_embeddings_from_the_codebooks(omni):
+    from gptlab.stage.models import random_model
+
+    model = random_model("small-4x128", omni, {"n_layer": 1, "block_size": 64})
+    for modality in ("image", "audio"):
+        span = omni.code_range(modality)
+        e = model.wte.weight[span.start:span.stop].detach()
+        v = omni.codecs[modality].code_vectors()
+        v = (v - v.mean(0)) / (v.std(0) + 1e-6)
+        # distances between embeddings follow distances between what the codes stand for
+        de, dv = torch.cdist(e, e).flatten(), torch.cdist(v, v).flatten()
+        assert torch.corrcoef(torch.stack([de, dv]))[0, 1] > 0.8
+        assert abs(float(e.std()) - model.cfg.init_std) < 0.002
+    text = model.wte.weight[: omni.text.vocab_size].detach()
+    assert abs(float(text.std()) - model.cfg.init_std) < 0.005  # text rows keep the random init

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptlab.chat.template import validate_messages
+from gptlab.data.hf_rows import is_hf_source
 from gptlab.data.records import read_rows
 from gptlab.errors import GptlabError
 
@@ -55,6 +56,8 @@ def _rows(src, what: str) -> tuple[list[dict], str]:
     if isinstance(src, (str, Path)):
         rows = read_rows(src)
         p = Path(src)
+        if is_hf_source(src):
+            return rows, f"{src}:row"
         return rows, str(p) + (":item" if p.suffix.lower() == ".json" else ":line")
     if isinstance(src, list):
         if not src:
@@ -162,7 +165,7 @@ def load_sft_examples(src: str | Path | list[dict], *, skip_empty: bool = False,
     """Demonstrations -> conversations ending on an assistant turn. An empty final response is an error
     (naming file and line) unless `skip_empty`, which drops such rows and reports how many."""
     rows, name = _rows(src, "SFT examples")
-    base = Path(src).parent if isinstance(src, (str, Path)) else None
+    base = None if not isinstance(src, (str, Path)) else Path(src) if is_hf_source(src) else Path(src).parent
     stats = stats if stats is not None else LoadStats()
     out: list[list[Message]] = []
     for row in rows:

@@ -133,20 +133,24 @@ def _omni_tokenizer(spec: str):
 
 
 def _conversations(source, tok) -> list[np.ndarray]:
-    """Chat JSONL with content parts (images and audio by path) -> each conversation's ids + eot, rendered
-    with the one chat template, every modality as its codes: the documents of omni pretraining."""
+    """Chat JSONL with content parts (images and audio by path), or a Hugging Face dataset with Image/Audio
+    columns -> each conversation's ids + eot, rendered with the one chat template, every modality as its
+    codes: the documents of omni pretraining."""
     from gptlab.chat.template import render_ids
+    from gptlab.data.hf_rows import is_hf_source
     from gptlab.data.records import read_rows
     from gptlab.omni.media import load_content
 
     dtype = dtype_for_vocab(tok.vocab_size)
     out = []
+    hf = is_hf_source(source)
+    base = Path(source) if hf else Path(source).parent
     for row in read_rows(source):
-        where = f"{source}:line {row.get('_line', '?')}"
+        where = f"{source}:{'row' if hf else 'line'} {row.get('_line', '?')}"
         msgs = row.get("messages")
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
             raise GptlabError(f"{where}: with an omni tokenizer, rows are chat examples {{\"messages\": [...]}}")
-        msgs = [{"role": m.get("role"), "content": load_content(m.get("content"), where, Path(source).parent)}
+        msgs = [{"role": m.get("role"), "content": load_content(m.get("content"), where, base)}
                 for m in msgs]
         try:
             ids = render_ids(tok, msgs, add_generation_prompt=False)[0]

@@ -22,7 +22,12 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def read_rows(path: str | Path, fmt: str | None = None) -> list[dict]:
     """Rows of a JSONL, JSON (a list of objects, or {"data": [...]}), CSV or TSV file (format from the
-    suffix unless `fmt` says) as dicts; delimited files need a header line. Each row records its `_line`."""
+    suffix unless `fmt` says) as dicts; delimited files need a header line. Each row records its `_line`.
+    A Hugging Face dataset (a `save_to_disk` folder, or hf:NAME[:CONFIG]) reads through `hf_rows`."""
+    from gptlab.data.hf_rows import is_hf_source, read_hf_rows
+
+    if fmt is None and is_hf_source(path):
+        return read_hf_rows(path)
     p = Path(path)
     fmt = fmt or FORMATS.get(p.suffix.lower())
     if fmt not in ("jsonl", "json", "csv", "tsv"):

@@ -13,7 +13,8 @@ def cmd_omni_data(a) -> None:
     from gptlab.run.lock import RunLock
 
     with RunLock(a.out):
-        build_corpus(a.out, per_task=a.per_task, test_per_task=a.test_per_task, seed=a.seed)
+        build_corpus(a.out, per_task=a.per_task, test_per_task=a.test_per_task, seed=a.seed,
+                     image_codes=a.image_codes, image_patch=a.image_patch, audio_codes=a.audio_codes)
     print(f"next: gptlab sft --preset small-4x128 --tokenizer {a.out}/tokenizer.gptlab.json --data {a.out}/train.jsonl "
           "--out runs/omni --model.block_size 256")
 
@@ -31,6 +32,12 @@ def register(sub) -> None:
     d.add_argument("--out", required=True, help="folder to create")
     d.add_argument("--per-task", type=positive_int, default=1000, help="training examples per task [default: 1000]")
     d.add_argument("--test-per-task", type=positive_int, default=50, help="held-out examples per task [default: 50]")
+    d.add_argument("--image-codes", type=positive_int, default=16,
+                   help="image codebook size [default: 16 grey levels: Image GPT's palette]")
+    d.add_argument("--image-patch", type=positive_int, default=1,
+                   help="image patch side: 1 = a token per pixel (64 per digit), 2 = 16 per digit [default: 1]")
+    d.add_argument("--audio-codes", type=positive_int, default=1024,
+                   help="speech codebook size [default: 1024: half the word errors of 512 after decoding]")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_omni_data)
     e = sub.add_parser("omni-eval", help="judge an omni run on a corpus's held-out images and voice")

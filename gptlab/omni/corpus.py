@@ -2,8 +2,9 @@
 synthesised with eSpeak NG, turned into chat examples with OpenAI-style content parts, one task per
 direction: image→text, text→image, speech→text, text→speech, image+speech→speech and one reply that mixes
 image, speech and text. A fifth of the images and one voice are held out for test.jsonl only; the
-assistant always speaks in its own voice, and writes what it said after it (the transcript the API returns). Deterministic for a seed; tokenizers are trained on the train
-split and saved beside the data (`tokenizer.gptlab.json` is the omni vocabulary a run starts from)."""
+assistant always speaks in its own voice, and writes what it said after it (the transcript the API
+returns). Deterministic for a seed; tokenizers are trained on the train split and saved beside the data
+(`tokenizer.gptlab.json` is the omni vocabulary a run starts from)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def split_digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_corpus(out: str | Path, *, per_task: int = 1000, test_per_task: int = 50, seed: int = 0,
-                 image_codes: int = 512, audio_codes: int = 512, quiet: bool = False) -> dict:
+                 image_codes: int = 16, image_patch: int = 1, audio_codes: int = 1024, quiet: bool = False) -> dict:
     """Write the corpus and its tokenizers into `out` -> summary (counts, voices, tokenizer figures)."""
     root = Path(out)
     if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
@@ -126,13 +127,13 @@ def build_corpus(out: str | Path, *, per_task: int = 1000, test_per_task: int = 
         summary[split] = {"examples": len(rows), "images": int(keep.sum()), "user_utterances": w.n}
         if not quiet:
             print(f"omni-data: {split}: {len(rows):,} examples ({n} per task), {w.n:,} user utterances")
-    summary["tokenizers"] = train_tokenizers(root, images[~held], image_codes, audio_codes, seed, quiet)
+    summary["tokenizers"] = train_tokenizers(root, images[~held], image_codes, image_patch, audio_codes, seed, quiet)
     atomic_write_json(root / "meta.json", summary)
     return summary
 
 
-def train_tokenizers(root: Path, train_images: np.ndarray, image_codes: int, audio_codes: int, seed: int,
-                     quiet: bool) -> dict:
+def train_tokenizers(root: Path, train_images: np.ndarray, image_codes: int, image_patch: int, audio_codes: int,
+                     seed: int, quiet: bool) -> dict:
     """Image codec on the training images, audio codec on the training speech, a char vocabulary over the
     training text; saved as image/audio tokenizer files and joined into the omni tokenizer."""
     from gptlab.omni.media import load_audio
@@ -140,7 +141,7 @@ def train_tokenizers(root: Path, train_images: np.ndarray, image_codes: int, aud
     rows = [json.loads(ln) for ln in (root / "train.jsonl").read_text().splitlines()]
     texts = [p["text"] for r in rows for m in r["messages"] for p in m["content"] if p["type"] == "text"]
     audio_files = sorted({p["path"] for r in rows for m in r["messages"] for p in m["content"] if p["type"] == "audio"})
-    image = PatchImageCodec.train(list(train_images), size=8, patch=2, codes=image_codes, seed=seed)
+    image = PatchImageCodec.train(list(train_images), size=8, patch=image_patch, codes=image_codes, seed=seed)
     audio = MelAudioCodec.train([load_audio(root / f) for f in audio_files], codes=audio_codes, seed=seed)
     image.save(root / "image_tokenizer.json")
     audio.save(root / "audio_tokenizer.json")

@@ -34,8 +34,8 @@ def _score(task: str, answer: str, parts: list[dict], digit: DigitJudge, speech:
         return {"score": word_accuracy(text, answer), "reply": text}
     if task == "text_to_image":
         return {"score": float(drawn == answer), "reply": drawn}
-    if task in ("text_to_speech", "image_speech_to_speech"):
-        return {"score": word_accuracy(heard, answer), "reply": heard}
+    if task in ("text_to_speech", "image_speech_to_speech"):  # the transcript: what the model says it said
+        return {"score": word_accuracy(heard, answer), "reply": heard, "transcript": word_accuracy(text, answer)}
     ok = [drawn == answer, heard == answer, text == answer]  # mixed: all three parts right
     return {"score": float(all(ok)), "reply": f"image {drawn!r} · speech {heard!r} · text {text!r}",
             "parts": {"image": ok[0], "speech": ok[1], "text": ok[2]}}
@@ -65,6 +65,9 @@ def evaluate_omni(run_dir: str | Path, data_dir: str | Path, *, limit: int | Non
                 results.setdefault(task, []).append({**_score(task, r["answer"], split_reply(tok, c.token_ids), digit, speech),
                                                      "answer": r["answer"]})
     report = {t: {"accuracy": float(np.mean([x["score"] for x in v])), "n": len(v)} for t, v in results.items()}
+    for t, v in results.items():
+        if "transcript" in v[0]:
+            report[t]["transcript_accuracy"] = float(np.mean([x["transcript"] for x in v]))
     codec = tok.codecs["audio"]
     report["ceilings"] = {"digit_judge_on_real_heldout_digits":
                           float(np.mean([digit(images[i]) == labels[i] for i in np.flatnonzero(held)]))}

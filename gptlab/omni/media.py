@@ -106,6 +106,11 @@ def load_part(part, where: str, base: Path | None = None) -> dict:
     kind = part["type"]
     if kind == "text" or (kind in ("image", "audio") and kind in part):
         return part
+    if kind in ("image", "audio") and isinstance(part.get("bytes"), bytes):  # a Hugging Face dataset's media
+        try:
+            return {"type": kind, kind: (load_image if kind == "image" else load_audio)(part["bytes"])}
+        except GptlabError as e:
+            raise GptlabError(f"{where}: {e}") from None
     if kind in ("image", "audio") and "path" in part:
         p = Path(part["path"])
         p = p if p.is_absolute() or base is None else base / p

@@ -56,7 +56,28 @@ def build_model_config(preset_name: str, model_overrides: dict, vocab_size: int)
 def random_model(preset_name: str, tokenizer: Tokenizer, overrides: dict | None = None) -> GPT:
     cfg = build_model_config(preset_name, check_model_overrides(overrides or {}, False), tokenizer.vocab_size)
     check_vocab(cfg, tokenizer, f"preset {preset_name}")
-    return GPT(cfg)
+    model = GPT(cfg)
+    init_code_embeddings(model, tokenizer)
+    return model
+
+
+@torch.no_grad()
+def init_code_embeddings(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> None:
+    """An omni vocabulary's image/audio code rows start as a fixed random projection of what each code
+    stands for (its patch, its mel frame), at the usual init scale: codes that look or sound alike start
+    near each other, so a small model generalises from a few thousand images or voices instead of learning
+    each code's meaning from scratch. Text rows keep their random init."""
+    g = torch.Generator().manual_seed(seed)
+    for modality, codec in getattr(tokenizer, "codecs", {}).items():
+        vectors = None if codec is None else codec.code_vectors()
+        if vectors is None:
+            continue
+        v = torch.as_tensor(vectors, dtype=torch.float32)
+        v = (v - v.mean(0)) / (v.std(0) + 1e-6)                             # (K, D) standardised features
+        rows = v @ torch.randn(v.shape[1], model.cfg.n_embd, generator=g)  # (K, C)
+        rows *= model.cfg.init_std / rows.std()
+        span = tokenizer.code_range(modality)
+        model.wte.weight[span.start:span.stop] = rows.to(model.wte.weight.dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -94,6 +94,11 @@ class Codec(_Saved):
     def decode(self, codes: Sequence[int]) -> np.ndarray:
         """Code ids -> the item they stand for."""
 
+    def code_vectors(self) -> Any:
+        """(n_codes, D) what each code stands for (a patch's pixels, a log-mel frame), or None: a new
+        model's embedding rows for the codes start from a projection of these, so similar codes start alike."""
+        return getattr(self, "codebook", None)
+
 
 class Tokenizer(_Saved):
     """Text <-> token ids. Subclasses set ``kind`` and implement the abstract methods."""
@@ -191,7 +196,8 @@ def load_tokenizer(path: str | os.PathLike[str], expect: type | None = None) -> 
         raise GptlabError(f"{p}: unknown tokenizer kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
     want = Tokenizer if expect is None else expect
     if not issubclass(_KINDS[kind], want):
-        raise GptlabError(f"{p}: a {kind} tokenizer, not the {want.__name__.lower()} this needs")
+        what = "a text tokenizer" if want is Tokenizer else f"a {want.__name__.lower()}"
+        raise GptlabError(f"{p} holds a {kind!r} tokenizer; {what} is needed here")
     try:
         return _KINDS[kind]._from_fields(d)
     except GptlabError as e:
