@@ -324,23 +324,31 @@ def _require(name: str, reason: str):
         pytest.skip(f"{reason}: {e}")
 
 
+LOCAL = ("127.0.0.1", "::1", "localhost")
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """No network: hub/datasets offline, and any attempt to open an internet socket fails the test."""
+    """No network: hub/datasets offline, and any attempt to open an internet socket fails the test
+    (this machine's loopback, where a test's own server listens, is allowed)."""
     for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
     real = socket.socket.connect
 
+    real_create = socket.create_connection
+
     def guard(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOCAL:
             raise AssertionError(f"network access attempted: {address}")
         return real(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guard)
 
     def no_connection(address, *args, **kwargs):
-        raise AssertionError(f"network access attempted: {address}")
+        if address[0] not in LOCAL:
+            raise AssertionError(f"network access attempted: {address}")
+        return real_create(address, *args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", no_connection)
 
@@ -463,3 +471,53 @@ def test_adapter_without_lm_eval_says_how_to_install(monkeypatch):
     with pytest.raises(GptlabError, match=r"pip install gptlab\[eval\]"):
         importlib.import_module("gptlab.evaluate.lm_eval_adapter")
 
+
+
+def test_lm_eval_scores_gptlab_serve_like_the_in_process_adapter(tmp_path, tok, offline):
+    """lm-evaluation-harness's own `local-completions` client (echo + logprobs, its remote tokenizer through
+    /tokenizer_info, /tokenize and /detokenize) against a real `gptlab serve`: the same accuracies and
+    loglikelihoods as the in-process adapter."""
+    lm_eval = _require("lm_eval", LM_EVAL_MISSING)
+    _require("uvicorn", "serving is not installed")
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from lm_eval.tasks import TaskManager
+
+    import gptlab.evaluate.lm_eval_adapter  # noqa: F401
+
+    run = tmp_path / "run"
+    m = _model(tok.vocab_size, 128)
+    write_run_config(run, m.cfg, tok, stage="test")
+    save_model(m, run / MODEL_FILE)
+    include, _ = _lm_eval_tasks(tmp_path)
+    tm = TaskManager(include_path=str(include), include_defaults=False)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", "serve", str(run), "--port", str(port), "--model-name", "m",
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        kw = dict(tasks=["parity_mc"], task_manager=tm, num_fewshot=2, fewshot_random_seed=1234, bootstrap_iters=0,
+                  log_samples=True)
+        served = lm_eval.simple_evaluate(
+            model="local-completions", model_args=f"base_url=http://127.0.0.1:{port}/v1/completions,model=m,"
+            "tokenizer_backend=remote,max_length=128,num_concurrent=1,max_retries=1", **kw)
+        local = lm_eval.simple_evaluate(model="gptlab", model_args=f"run_dir={run},batch_size=4", **kw)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    a, b = served["results"]["parity_mc"], local["results"]["parity_mc"]
+    assert a["sample_len"] == b["sample_len"] == 15
+    assert a["acc,none"] == b["acc,none"] and a["acc_norm,none"] == b["acc_norm,none"]
+    for x, y in zip(served["samples"]["parity_mc"], local["samples"]["parity_mc"]):
+        assert x["arguments"] == y["arguments"]
+        assert [r[0] for r in x["filtered_resps"]] == pytest.approx([r[0] for r in y["filtered_resps"]], abs=1e-4)

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from gptlab.chat.template import ensure_chat_tokens  # noqa: E402
+from gptlab.chat.template import ensure_chat_tokens, render_ids  # noqa: E402
 from gptlab.generate import Generator, SamplingParams  # noqa: E402
 from gptlab.model import GPT, GPTConfig  # noqa: E402
 from gptlab.run import write_run_config  # noqa: E402
@@ -133,6 +133,22 @@ def test_completions_chat_streaming_usage(server):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     assert len([ch for ch in chunks if ch.choices]) > 2  # really streamed, token by token
+    # echo + logprobs (lm-eval's scoring call): the prompt's tokens come first, the first without a logprob
+    e = c.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0, echo=True, logprobs=1)
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text.startswith("Hello world") and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens[:n_prompt]) == "Hello world" and all(v < 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset[:n_prompt] == [0, len("Hello")]
+    first = next(iter(c.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0, echo=True,
+                                           logprobs=1, stream=True)))
+    assert first.choices[0].text == "Hello world"
+    assert first.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]  # streamed: after the prefill
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far
+    chunks = list(c.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    done = [ch.usage.completion_tokens for ch in chunks]
+    assert done == sorted(done) and done[-1] == r.usage.completion_tokens and done[1] >= 1
+    assert all(ch.usage.prompt_tokens == n_prompt for ch in chunks)
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|end|> there"}]
     kw = dict(model="tiny", messages=msgs, max_tokens=16, temperature=0.8, seed=42)
@@ -147,8 +163,21 @@ def test_completions_chat_streaming_usage(server):
     tk = server.post("/tokenize", json.dumps({"messages": msgs})).json()
     end_id = ensure_chat_tokens(gpt2_tokenizer()).special_tokens["<|end|>"]
     assert tk["tokens"].count(end_id) == 2 and tk["count"] == full.usage.prompt_tokens
+    eot = gpt2_tokenizer().eot_id  # a special token asked by name (lm-eval's remote tokenizer); in text it stays text
+    assert server.post("/tokenize", json.dumps({"prompt": "<|endoftext|>"})).json()["tokens"] == [eot]
+    assert eot not in server.post("/tokenize", json.dumps({"prompt": "a<|endoftext|>"})).json()["tokens"]
+    info = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == CTX
     detok = server.post("/detokenize", json.dumps({"tokens": tk["tokens"][:4]})).json()
     assert detok["prompt"] == "<|system|>Be brief."
+    # vLLM's continue_final_message: the reply goes on from an open assistant message
+    open_turn = msgs + [{"role": "assistant", "content": "Sure,"}]
+    r = c.chat.completions.create(model="tiny", messages=open_turn, max_tokens=4, temperature=0,
+                                  extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    ids = render_ids(ensure_chat_tokens(gpt2_tokenizer()), open_turn, False, True)[0]
+    assert r.usage.prompt_tokens == len(ids)
+    plain = c.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert plain.choices[0].text.startswith(r.choices[0].message.content)  # (the chat reply may stop sooner)
     # n choices and a list of prompts; logprobs
     r = c.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=4, temperature=0, logprobs=2)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.choices[0].text == r.choices[1].text
@@ -194,6 +223,15 @@ def test_errors_and_auth(server):
     m = server.metrics()
     assert not [k for k in m if "nothing" in k or "gptlab_fake" in k]
     assert m['gptlab_http_requests_total{endpoint="other",status="404"}'] >= 2
+    # a web page can POST text/plain or a form anywhere without a CORS preflight: only JSON is taken
+    before = server.metrics()["gptlab_prompt_tokens_total"]
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        err(server.post("/v1/completions", ok, headers={"Content-Type": ctype}), 415, "unsupported_media_type")
+    assert server.metrics()["gptlab_prompt_tokens_total"] == before  # nothing was generated
+    assert server.post("/v1/completions", ok, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+    from gptlab import __version__
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}
+    assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json").json()["paths"]
     # unknown fields are ignored (and logged); the server still answers normal requests
     r = server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2, "frobnicate": 1}))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
@@ -238,7 +276,7 @@ def test_client_disconnect_stops_generation(server):
     body = json.dumps({"model": "tiny", "prompt": "stream me", "max_tokens": 1000, "ignore_eos": True, "stream": True})
     with httpx.Client(timeout=30) as h:
         with h.stream("POST", server.url + "/v1/completions", content=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # one token seen: hang up
@@ -262,7 +300,8 @@ def test_queue_full_answers_503_with_retry_after(busy_server):
     body = json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 300, "ignore_eos": True})
 
     async def burst():
-        async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}",
+                                                          "Content-Type": "application/json"}) as h:
             return await asyncio.gather(*(h.post(s.url + "/v1/completions", content=body) for _ in range(10)))
 
     rs = asyncio.run(burst())

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("fastapi")
 
+from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.chat.template import END, ensure_chat_tokens, render_ids  # noqa: E402
 from gptlab.generate import Generator, KVCache, SamplingParams  # noqa: E402
 from gptlab.model import GPT, GPTConfig  # noqa: E402
@@ -63,7 +64,8 @@ def _spec(tok, prompt, max_tokens=12, **kw):
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
     from gptlab.serve.protocol import completion_prompts
 
-    return parse_request(body, "completion", lambda b: (*completion_prompts(b, tok, tok.vocab_size), ()), 96, 32)
+    return parse_request(body, "completion", lambda b: (*completion_prompts(b, tok, tok.vocab_size), ()), 96, 32,
+                         tok.vocab_size)
 
 
 def _run_engine(engine, specs, stagger=0.0):
@@ -149,13 +151,60 @@ def test_stop_strings_logprobs_and_penalties(tok):
         engine.stop()
 
 
+def test_vllm_min_tokens_stop_token_ids_and_include_stop_str(tok):
+    """vLLM's fields: stop_token_ids end a reply at those ids, min_tokens holds every stop token back for
+    that many tokens (checked against a hand-written greedy loop), include_stop_str_in_output keeps the
+    stop string; the engine and the generator agree."""
+    m = _model(tok.vocab_size)
+    gen = Generator(m, tok)
+    engine = Engine(gen, Metrics())
+    engine.start()
+    try:
+        (_, free, _, _), = _run_engine(engine, [_spec(tok, "Hello there", 8)])
+        first = free[0][0]
+        (_, toks, reasons, _), = _run_engine(engine, [_spec(tok, "Hello there", 8, stop_token_ids=[first])])
+        assert toks[0] == [] and reasons[0] == "stop"
+        (_, toks, _, _), = _run_engine(engine, [_spec(tok, "Hello there", 8, stop_token_ids=[first], min_tokens=3)])
+        ids, want = tok.encode("Hello there"), []
+        with torch.inference_mode():  # greedy with `first` and end-of-text forbidden for 3 tokens
+            for k in range(8):
+                logits = m(torch.tensor([ids + want]))[0][0, -1].float()[:tok.vocab_size]
+                if k < 3:
+                    logits[[first, tok.eot_id]] = float("-inf")
+                t = int(logits.argmax())
+                if t in (first, tok.eot_id):
+                    break
+                want.append(t)
+        assert toks[0] == want and len(want) >= 3
+        ref = gen.generate(["Hello there"], SamplingParams(max_new_tokens=8, temperature=0, min_tokens=3,
+                                                          stop_token_ids=(first,)))[0]
+        assert ref.token_ids == want
+        text = tok.decode(free[0])
+        stop = text[2:5]
+        for keep in (False, True):
+            (texts, _, _, _), = _run_engine(engine, [_spec(tok, "Hello there", 8, stop=stop,
+                                                           include_stop_str_in_output=keep)])
+            assert texts[0] == text[:text.find(stop) + (len(stop) if keep else 0)]
+    finally:
+        engine.stop()
+
+
+def test_continue_final_message_leaves_the_last_assistant_turn_open(tok):
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Bl"}]
+    ids, _ = render_ids(tok, msgs, add_generation_prompt=False, continue_final_message=True)
+    head, _ = render_ids(tok, msgs[:1], add_generation_prompt=True)  # ... <|assistant|>
+    assert ids == head + tok.encode("Bl")
+    with pytest.raises(GptlabError, match="continue_final_message"):
+        render_ids(tok, msgs[:1], add_generation_prompt=False, continue_final_message=True)
+
+
 def test_request_validation_errors(tok):
     def err(body, kind="completion"):
         from gptlab.serve.protocol import completion_prompts
 
         enc = (lambda b: (*completion_prompts(b, tok, tok.vocab_size), ())) if kind == "completion" else None
         with pytest.raises(APIError) as e:
-            parse_request({"model": "m", "prompt": "hi", **body}, kind, enc, 96, 32)
+            parse_request({"model": "m", "prompt": "hi", **body}, kind, enc, 96, 32, tok.vocab_size)
         return e.value
 
     assert err({"max_tokens": -1}).param == "max_tokens"
@@ -169,6 +218,21 @@ def test_request_validation_errors(tok):
     assert err({"prompt": "\ud800"}).param == "prompt"
     assert err({"tools": [{"type": "function"}]}).param == "tools"
     assert err({"response_format": {"type": "json_object"}}).param == "response_format"
+    # vLLM's fields: the ones done are checked, the ones not done are refused rather than ignored
+    assert err({"stop_token_ids": [tok.vocab_size]}).param == "stop_token_ids"
+    assert err({"min_tokens": 20, "max_tokens": 10}).param == "min_tokens"
+    from gptlab.serve.protocol import COMPLETION_FIELDS, warn_unknown
+
+    for field in ("prompt_logprobs", "guided_choice", "guided_regex", "guided_json"):
+        with pytest.raises(APIError, match=field):
+            warn_unknown({"model": "m", field: 1}, COMPLETION_FIELDS, "/v1/completions")
+    from gptlab.serve.protocol import CHAT_FIELDS, chat_render_options
+
+    with pytest.raises(APIError, match="'echo' is not supported"):
+        warn_unknown({"echo": True}, CHAT_FIELDS, "/v1/chat/completions")
+    warn_unknown({"echo": True}, COMPLETION_FIELDS, "/v1/completions")  # completions do echo
+    with pytest.raises(APIError, match="add_generation_prompt"):
+        chat_render_options({"continue_final_message": True})
     for raw in (b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"temperature": NaN}'):
         with pytest.raises(APIError) as e:
             parse_json(raw)
@@ -252,6 +316,28 @@ def test_metrics_text_format():
         assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', line), line
 
 
+def test_browsers_may_call_only_from_the_origins_given(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gptlab.serve.app import create_app
+
+    tok = gpt2_tokenizer()
+    m = _model(tok.vocab_size)
+    write_run_config(tmp_path, m.cfg, tok)
+    save_model(m, tmp_path / MODEL_FILE)
+    ask = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type,authorization"}
+    with TestClient(create_app(tmp_path, model_name="m")) as c:  # default: no origin is allowed
+        r = c.options("/v1/chat/completions", headers=ask)
+        assert "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(tmp_path, model_name="m", cors_origins=("http://app.example",))) as c:
+        r = c.options("/v1/chat/completions", headers=ask)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = c.options("/v1/chat/completions", headers={**ask, "Origin": "http://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
 def test_health_is_503_while_loading_and_chat_needs_chat_tokens(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
@@ -276,7 +362,8 @@ def test_health_is_503_while_loading_and_chat_needs_chat_tokens(tmp_path, monkey
         assert c.get("/health").json()["status"] == "ready"
         r = c.post("/v1/chat/completions", json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "chat_not_supported"
-        r = c.post("/v1/completions", content=json.dumps({"model": "plain", "prompt": "hi", "max_tokens": 3}))
+        r = c.post("/v1/completions", content=json.dumps({"model": "plain", "prompt": "hi", "max_tokens": 3}),
+                   headers={"Content-Type": "application/json"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     from gptlab.errors import GptlabError
 
@@ -345,4 +432,6 @@ def test_logprob_text_offsets_count_held_back_text_and_echo(tok):
     fmt.add(Delta(0, texts[0], tokens[0], req.logprobs, "length"))
     choice = fmt.response()["choices"][0]
     assert choice["text"] == "Hello there" + ref.text
-    assert choice["logprobs"]["text_offset"] == [len("Hello there") + o for o in offsets]
+    # the echoed prompt's tokens come first ("Hello", " there"; the first has no logprob), then the reply's
+    assert choice["logprobs"]["text_offset"] == [0, len("Hello")] + [len("Hello there") + o for o in offsets]
+    assert choice["logprobs"]["token_logprobs"][0] is None and choice["logprobs"]["tokens"][:2] == ["Hello", " there"]

@@ -108,11 +108,15 @@ def _message_ids(tokenizer: Tokenizer, m: Message, chat: dict[str, int],
     return ids, mask
 
 
-def render_ids(tokenizer: Tokenizer, messages: Sequence[Message],
-               add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+def render_ids(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and ``assistant_mask``: True on assistant content and its
-    ``<|end|>`` (the tokens SFT trains on), False on role markers, newlines and other messages."""
+    ``<|end|>`` (the tokens SFT trains on), False on role markers, newlines and other messages.
+    ``continue_final_message`` leaves a final assistant message open (no ``<|end|>``): the model goes on
+    writing it, as vLLM's option of that name does."""
     validate_messages(messages)
+    if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+        raise GptlabError("continue_final_message needs a final assistant message and no generation prompt")
     chat, newline = _chat_ids(tokenizer), tokenizer.encode("\n")
     ids: list[int] = []
     mask: list[bool] = []
@@ -120,6 +124,8 @@ def render_ids(tokenizer: Tokenizer, messages: Sequence[Message],
         i, k = _message_ids(tokenizer, m, chat, newline)
         ids += i
         mask += k
+    if continue_final_message:
+        del ids[-1 - len(newline):], mask[-1 - len(newline):]
     if add_generation_prompt:
         ids.append(chat[ROLE_TOKENS["assistant"]])
         mask.append(False)

@@ -13,7 +13,7 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.generate.cache import KVCache
-from gptlab.generate.logits import NgramBlocker, apply_penalties, next_tokens
+from gptlab.generate.logits import NgramBlocker, apply_penalties, hold_stops, next_tokens
 from gptlab.generate.packed import pack_linears
 from gptlab.generate.params import SamplingParams
 from gptlab.generate.spans import SpanGrammar
@@ -88,7 +88,7 @@ class Generator:
             if isinstance(self.tok, OmniTokenizer):
                 raise GptlabError("beam search is not available for omni models (media spans are sampled or greedy)")
             return [self._beam_search(row, q) for row, (_, q) in zip(ids, fitted)]
-        streams = [TextStream(self.tok, params.stop) for _ in ids]
+        streams = [TextStream(self.tok, params.stop, params.include_stop_str) for _ in ids]
         tokens: list[list[int]] = [[] for _ in ids]
         reasons = ["length"] * len(ids)
         for step_tokens, done in self._decode(ids, params, streams, limits, seeds):
@@ -107,7 +107,7 @@ class Generator:
         if p.num_beams > 1:
             yield self._beam_search(ids, p).text
             return
-        s = TextStream(self.tok, p.stop)
+        s = TextStream(self.tok, p.stop, p.include_stop_str)
         for _ in self._decode([ids], p, [s], [p.max_new_tokens], [p.seed]):
             d = s.delta()
             if d:
@@ -154,6 +154,7 @@ class Generator:
         running = [True] * B
         for step in range(steps):
             logits = apply_penalties(logits, p, seen, ngrams.banned() if ngrams else None)
+            logits = hold_stops(logits, stop_ids, step, p)
             if spans is not None:  # media spans: their codes only, images at their fixed length
                 logits = spans.mask(logits)
             nxt = next_tokens(logits, p, gens)
@@ -205,7 +206,8 @@ class Generator:
         if seen is not None:
             seen[:, ids] = True
         for step in range(p.max_new_tokens):
-            logits = apply_penalties(logits.clone(), p, seen, ngrams.banned() if ngrams else None)
+            logits = hold_stops(apply_penalties(logits.clone(), p, seen, ngrams.banned() if ngrams else None),
+                                stop_ids, step, p)
             cand = (scores[:, None] + torch.log_softmax(logits, -1)).view(-1)
             top_scores, top = torch.topk(cand, 2 * K)
             next_beams, next_scores, src, toks = [], [], [], []
@@ -247,7 +249,7 @@ class Generator:
         if not finished:  # every continuation was banned (e.g. by no_repeat_ngram_size)
             return Completion("", [], "stop", len(ids))
         score, best, reason = max(finished, key=lambda f: f[0])
-        s = TextStream(self.tok, p.stop)
+        s = TextStream(self.tok, p.stop, p.include_stop_str)
         for t in best:
             if s.push(t):
                 reason = "stop"

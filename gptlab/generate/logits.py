@@ -25,6 +25,16 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor 
     return logits
 
 
+def hold_stops(logits: torch.Tensor, stop_ids, generated: int, p: SamplingParams) -> torch.Tensor:
+    """Before `p.min_tokens` tokens, the stop tokens get -inf (vLLM's min_tokens); (..., V) in and out."""
+    ids = sorted(t for t in stop_ids if 0 <= t < logits.size(-1))
+    if generated >= p.min_tokens or not ids:
+        return logits
+    logits = logits.clone()
+    logits[..., ids] = float("-inf")
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p; filtered tokens get -inf."""
     logits = logits / p.temperature

@@ -16,13 +16,15 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens below min_p × the top probability; 0 = off
     repetition_penalty: float = 1.0  # CTRL-style: >1 discourages tokens already in the sequence
     no_repeat_ngram_size: int = 0  # ban any n-gram from occurring twice; 0 = off
-    stop: tuple = ()  # stop strings (not included in the output)
+    stop: tuple = ()  # stop strings (not included in the output unless include_stop_str)
     stop_token_ids: tuple = ()  # extra stop tokens; the end-of-text token always stops
     seed: int | None = None  # same seed, same prompt, same params => same text
     num_beams: int = 1  # > 1: beam search (deterministic)
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty (GPT-3: 0.6 with 4 beams)
     strict: bool = False  # an over-long prompt is an error instead of keeping its most recent tokens
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
+    min_tokens: int = 0  # the stop tokens (end of text, stop_token_ids) cannot be drawn before this many
+    include_stop_str: bool = False  # keep the stop string that ended the text (vLLM's include_stop_str_in_output)
     modalities: tuple = ()  # an omni model's reply: the media it may produce ("image", "audio"); () = any it has
 
     def __post_init__(self) -> None:
@@ -40,6 +42,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be ≥ 0"),
             (self.num_beams >= 1, "num_beams must be ≥ 1"),
+            (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens must be in [0, max_new_tokens]"),
             (set(self.modalities) <= {"text", "image", "audio"}, "modalities are text, image and audio"),
         ]
         for ok, msg in checks:

@@ -9,8 +9,8 @@ from gptlab.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = ()):
-        self.tok, self.stops = tokenizer, stops
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = (), keep_stop: bool = False):
+        self.tok, self.stops, self.keep_stop = tokenizer, stops, keep_stop
         self.special = set(tokenizer.special_tokens.values())
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.emitted, self.stopped = "", 0, False
@@ -21,9 +21,10 @@ class TextStream:
             return False
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
         self.text += self.decoder.decode(self.tok.decode_bytes([token_id]))
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:  # cut at the earliest stop string, whichever completed
-            self.text, self.stopped = self.text[:min(hits)], True
+        hits = [(i, -len(s), s) for i, s in ((self.text.find(s, start), s) for s in self.stops) if i >= 0]
+        if hits:  # cut at the earliest stop string, whichever completed (after it, when it is kept)
+            i, _, s = min(hits)
+            self.text, self.stopped = self.text[:i + (len(s) if self.keep_stop else 0)], True
         return self.stopped
 
     def finish(self) -> None:

@@ -23,16 +23,18 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab import __version__
 from gptlab.chat.template import CHAT_TOKENS, content_text, render_ids
 from gptlab.errors import GptlabError
 from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
-from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, completion_prompts,
-                                   error_body, parse_json, parse_request, warn_unknown)
+from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, chat_render_options,
+                                   completion_prompts, error_body, parse_json, parse_request, warn_unknown)
 from gptlab.serve.media import model_modalities, output_modalities
 from gptlab.serve.responses import Formatter
+from gptlab.serve.tokens import add_token_routes
 
 log = logging.getLogger("gptlab.serve")
 DEFAULT_MAX_BODY = 2 << 20  # 2 MiB: far more than any context window's worth of text
@@ -106,6 +108,12 @@ class Server:
                            code="model_not_ready", headers={"Retry-After": "5"})
 
     async def body(self, request: HTTPRequest) -> dict:
+        # A web page may POST text/plain (or a form) to any origin without a CORS preflight; demanding JSON
+        # makes every browser ask first, and without --cors-origin the answer is no.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                           code="unsupported_media_type")
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > 8 * self.max_body:
             raise APIError(413, f"request body too large (limit {self.max_body} bytes)", code="body_too_large")
@@ -129,13 +137,13 @@ class Server:
             raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, msgs: list[dict], generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, msgs: list[dict], generation_prompt: bool = True, continue_final: bool = False) -> list[int]:
         if not self.chat_ok:
             raise APIError(400, f"model '{self.model_name}' has no chat template tokens; it cannot serve chat "
                                 "completions (use /v1/completions, or fine-tune it with the chat tokens)",
                            code="chat_not_supported")
         try:
-            return render_ids(self.tok, msgs, generation_prompt)[0]  # content is encoded as plain text
+            return render_ids(self.tok, msgs, generation_prompt, continue_final)[0]  # content is plain text
         except GptlabError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -194,9 +202,10 @@ class StatusCounter:
 def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64, moderation=None, dtype=None,
                device: str = "cpu", model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                moderation_action: str = "redact", moderation_label: str | None = None,
-               moderation_threshold: float = 0.5) -> FastAPI:
+               moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
-    run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable."""
+    run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable. `cors_origins`:
+    web origins whose pages may call the API from a browser (none by default)."""
     if max_batch < 1 or max_queue < 1:
         raise GptlabError("max_batch and max_queue must be ≥ 1")
     srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
@@ -208,10 +217,15 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         if srv.engine is not None:
             srv.engine.stop()
 
-    app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gptlab", version=__version__, lifespan=lifespan, redoc_url=None)  # /docs, /openapi.json
     app.state.server = srv
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.add_middleware(StatusCounter, metrics=srv.metrics)
-    for add_routes in (_error_handlers, _info_routes, _generation_routes, _token_routes):
+    for add_routes in (_error_handlers, _info_routes, _generation_routes, add_token_routes):
         add_routes(app, srv)
     return app
 
@@ -237,6 +251,10 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse(resources.files("gptlab.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/health")
     async def health():
@@ -290,14 +308,15 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
             msgs = chat_messages(b, srv.tok)
             # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
             # its own), as in `gptlab chat` and the pipeline
-            return [srv.chat_ids(msgs)], [content_text(m["content"]) for m in msgs], srv.chat_stop_ids
+            ids = srv.chat_ids(msgs, *chat_render_options(b))
+            return [ids], [content_text(m["content"]) for m in msgs], srv.chat_stop_ids
     else:
         warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
 
         def encode(b):
             return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
     # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
-    spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch)
+    spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch, srv.tok.vocab_size)
     if kind == "chat":  # the media the reply may hold: the grammar allows exactly those spans
         media, spec.audio_format = output_modalities(body, srv.tok)
         spec.params = dataclasses.replace(spec.params, modalities=("text", *media))
@@ -340,41 +359,17 @@ async def _collect(req, fmt: Formatter, request: HTTPRequest):
             fmt.add(d)
 
 
-def _token_routes(app: FastAPI, srv: Server) -> None:
-    """vLLM's /tokenize and /detokenize."""
-    @app.post("/tokenize")
-    async def tokenize(request: HTTPRequest):
-        srv.authorize(request)
-        srv.ready()
-        body = await srv.body(request)
-        srv.check_model(body, required=False)
-        if "messages" in body:
-            gp = body.get("add_generation_prompt", True)
-            ids = await asyncio.to_thread(srv.chat_ids, chat_messages(body), gp is not False)
-        else:
-            ids = (await asyncio.to_thread(completion_prompts, body, srv.tok, srv.tok.vocab_size))[0][0]
-        return {"tokens": ids, "count": len(ids), "max_model_len": srv.ctx}
-
-    @app.post("/detokenize")
-    async def detokenize(request: HTTPRequest):
-        srv.authorize(request)
-        srv.ready()
-        body = await srv.body(request)
-        srv.check_model(body, required=False)
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
-        if any(not 0 <= t < srv.tok.vocab_size for t in ids):
-            raise APIError(400, f"token ids must be in 0..{srv.tok.vocab_size - 1}", param="tokens")
-        return {"prompt": srv.tok.decode(ids)}
-
-
 async def _sse(req, fmt: Formatter):
     """Server-sent events: opening chunks, one chunk per delta, the usage chunk if asked, [DONE]."""
-    for c in fmt.opening():
+    wait = req.spec.echo and req.spec.logprobs is not None  # the echoed prompt's logprobs come with the prefill
+    for c in [] if wait else fmt.opening():
         yield c
     while True:
         item = await req.queue.get()
+        if wait:
+            wait = False
+            for c in fmt.opening():
+                yield c
         if item is DONE:
             break
         if isinstance(item, APIError):

@@ -16,6 +16,7 @@ are masked out and every row samples from its own torch.Generator.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import secrets
 import threading
@@ -63,6 +64,7 @@ class Request:
         self.prompt_tokens = sum(len(p) for p in spec.prompts)
         self.completion_tokens = 0
         self.rows_left = len(spec.prompts) * spec.n
+        self.prompt_logprobs: list[list] = []  # echo + logprobs: per prompt, its tokens' entries (the first's None)
 
     def post(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -77,12 +79,12 @@ class Row:
         self.req, self.index, self.prompt = req, index, prompt
         eot = tok.eot_id
         omni = isinstance(tok, OmniTokenizer)
+        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
         self.sampler = RowSampler(p, torch.Generator(device=device).manual_seed(seed), prompt, tok.vocab_size,
                                   spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs,
-                                  SpanGrammar(tok, [prompt], p.modalities) if omni else None)
+                                  SpanGrammar(tok, [prompt], p.modalities) if omni else None, frozenset(self.stop_ids))
         self.media = SpanReader(tok, chunk=10) if omni else None  # speech streams in 0.2 s pieces
-        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
-        self.stream = TextStream(tok, p.stop)
+        self.stream = TextStream(tok, p.stop, p.include_stop_str)
         self.filter = moderator.output_filter() if moderator else None
         self.generated, self.alive, self.last = 0, True, eot
 
@@ -198,7 +200,12 @@ class Engine:
             x[i, P - len(p):] = torch.tensor(p)
         pad = torch.tensor([P - len(p) for p in prompts])
         cache = KVCache(self.gen.model.cfg, B, P + room, self.gen.device, self.gen.dtype, pad, ring=False)
-        logits = self.gen._logits(self.gen.model.hidden(x.to(self.gen.device), cache=cache))  # (B, V)
+        h = self.gen.model.hidden(x.to(self.gen.device), cache=cache)  # (B, P, C)
+        logits = self.gen._logits(h)  # (B, V)
+        for q in reqs:  # lm-eval's scoring call: the prompt's own logprobs, from the same forward pass
+            if q.spec.echo and q.spec.logprobs is not None:
+                q.prompt_logprobs = [self._prompt_logprobs(h[unique[tuple(p)], P - len(p):], p, q.spec.logprobs)
+                                     for p in q.spec.prompts]
         self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
         expand = torch.tensor([unique[tuple(r.prompt)] for r in new_rows], device=self.gen.device)
         if B != len(new_rows):  # n > 1 or repeated prompts: copy the prefilled rows
@@ -216,6 +223,24 @@ class Engine:
         self.cache = KVCache.concat([self.cache, cache], need)
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + new_rows
+
+    def _prompt_logprobs(self, h: torch.Tensor, prompt: list[int], k: int, chunk: int = 256) -> list:
+        """h (L, C) hidden states of a prompt -> per token (id, logprob, [(id, logprob)] top-k, text offset);
+        the first token has no logprob (None), as in OpenAI's and vLLM's echo."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, text = [], 0
+        for t in prompt:
+            offsets.append(text)
+            text += len(decoder.decode(self.tok.decode_bytes([t])))
+        out = [(prompt[0], None, None, 0)]
+        ids = torch.tensor(prompt[1:], device=h.device)
+        for a in range(0, len(prompt) - 1, chunk):  # (chunk, V) at a time: a long prompt x a large vocabulary
+            lp = torch.log_softmax(self.gen._logits(h[a:a + chunk, None]), dim=-1)
+            got = lp.gather(1, ids[a:a + chunk, None])[:, 0].tolist()
+            top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for j, v in enumerate(got):
+                out.append((prompt[a + j + 1], v, list(zip(top_i[j].tolist(), top_v[j].tolist())), offsets[a + j + 1]))
+        return out
 
     def _compact(self, force: bool = False) -> None:
         """Drop dead rows from the cache: always when forced, else once a quarter of the rows are dead."""
@@ -284,6 +309,8 @@ class Engine:
             is_media, media = r.media.feed(t)
         if t in r.stop_ids:
             reason = "stop"
+            if lp is not None and r.req.spec.kind == "completion":  # listed, as OpenAI and vLLM do (lm-eval
+                lps.append((t, lp[0], lp[1], len(r.stream.text)))  # drops the last entry as the generated one)
         else:
             ids.append(t)
             if lp is not None:

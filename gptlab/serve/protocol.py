@@ -114,10 +114,15 @@ def _bool(body: dict, name: str, default: bool) -> bool:
 # --- the request ----------------------------------------------------------------------------------------
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed",
           "n", "stream", "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-          "user", "ignore_eos", "best_of", "metadata", "store", "service_tier", "parallel_tool_calls"}
+          "user", "ignore_eos", "best_of", "metadata", "store", "service_tier", "parallel_tool_calls",
+          "min_tokens", "stop_token_ids", "include_stop_str_in_output"}  # the last three: vLLM's
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                        "response_format", "modalities", "reasoning_effort"}
+                        "response_format", "modalities", "reasoning_effort", "audio",
+                        "add_generation_prompt", "continue_final_message"}
+# vLLM's fields that this server knows but does not do: a 400 rather than a silently different answer
+NOT_SUPPORTED = {"prompt_logprobs", "guided_choice", "guided_regex", "guided_json", "guided_grammar",
+                 "guided_decoding_backend", "structured_outputs", "use_beam_search", "echo"}
 
 
 @dataclass
@@ -137,15 +142,29 @@ class GenSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     audio_format: str | None = None  # an omni reply's audio: "wav" | "pcm16" (None: no audio asked for)
+    continuous_usage: bool = False   # usage so far in every stream chunk
 
 
 def warn_unknown(body: dict, known: set[str], endpoint: str) -> None:
+    refused = sorted(k for k in NOT_SUPPORTED - known if body.get(k) not in (None, False))  # chat has no echo
+    if refused:
+        raise APIError(400, f"'{refused[0]}' is not supported by this server", param=refused[0])
     unknown = sorted(set(body) - known)
     if unknown:
         log.warning("%s: ignoring unknown request fields %s", endpoint, unknown)
 
 
-def sampling_fields(body: dict, max_tokens: int, prompt_len: int, ctx: int, stop_ids: tuple, name: str):
+def _token_ids(body: dict, name: str, vocab: int) -> list[int]:
+    v = body.get(name)
+    if v is None:
+        return []
+    if not (isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in v)):
+        raise APIError(400, f"'{name}' must be a list of token ids in 0..{vocab - 1}", param=name)
+    return v
+
+
+def sampling_fields(body: dict, max_tokens: int, prompt_len: int, ctx: int, stop_ids: tuple, name: str,
+                    vocab: int):
     """SamplingParams for one request; a prompt that leaves no room or a max_tokens past the context is a 400."""
     temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
     stop = body.get("stop")
@@ -157,6 +176,7 @@ def sampling_fields(body: dict, max_tokens: int, prompt_len: int, ctx: int, stop
         stop = tuple(_text(s, "stop") for s in stop)
     else:
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    stop_ids += tuple(_token_ids(body, "stop_token_ids", vocab))
     seed = body.get("seed")
     if seed is not None:
         seed = _int(body, "seed", None, -(2 ** 63), 2 ** 63 - 1) % (2 ** 63)
@@ -177,12 +197,14 @@ def sampling_fields(body: dict, max_tokens: int, prompt_len: int, ctx: int, stop
                               min_p=_float(body, "min_p", 0.0, 0.0, 0.999999),
                               repetition_penalty=_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
                               stop=stop, stop_token_ids=stop_ids, seed=seed,
-                              ignore_eos=_bool(body, "ignore_eos", False))
+                              ignore_eos=_bool(body, "ignore_eos", False),
+                              min_tokens=_int(body, "min_tokens", 0, 0, max_tokens),
+                              include_stop_str=_bool(body, "include_stop_str_in_output", False))
     except GptlabError as e:
         raise APIError(400, str(e)) from None
 
 
-def parse_request(body: dict, kind: str, encode_prompts, ctx: int, max_batch: int) -> GenSpec:
+def parse_request(body: dict, kind: str, encode_prompts, ctx: int, max_batch: int, vocab: int) -> GenSpec:
     """`encode_prompts(body) -> (list of token-id prompts, their texts, extra stop ids)` is endpoint-specific
     (raw prompts or a rendered chat); everything else is shared."""
     model = body.get("model")
@@ -207,12 +229,13 @@ def parse_request(body: dict, kind: str, encode_prompts, ctx: int, max_batch: in
     # OpenAI's defaults: 16 new tokens for legacy completions; chat runs to the end of the context
     default = 16 if kind == "completion" else max(1, ctx - longest)
     max_tokens = _int(body, name, default, 1, ctx)
-    params = sampling_fields(body, max_tokens, longest, ctx, stop_ids, kind)
+    params = sampling_fields(body, max_tokens, longest, ctx, stop_ids, kind, vocab)
     stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
     include_usage = bool(opts and opts.get("include_usage") is True)
+    continuous_usage = include_usage and opts.get("continuous_usage_stats") is True  # vLLM: usage in every chunk
     if opts and not stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
     if kind == "completion":
@@ -238,7 +261,8 @@ def parse_request(body: dict, kind: str, encode_prompts, ctx: int, max_batch: in
             raise APIError(400, "logit_bias values must be numbers in [-100, 100]", param="logit_bias")
         logit_bias[t] = float(v)
     return GenSpec(kind, model, prompts, texts, params, n, stream, include_usage, logprobs, echo, logit_bias,
-                   _float(body, "presence_penalty", 0.0, -2.0, 2.0), _float(body, "frequency_penalty", 0.0, -2.0, 2.0))
+                   _float(body, "presence_penalty", 0.0, -2.0, 2.0), _float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                   continuous_usage=continuous_usage)
 
 
 # --- prompts -----------------------------------------------------------------------------------------------
@@ -270,6 +294,14 @@ def completion_prompts(body: dict, tok, vocab: int) -> tuple[list[list[int]], li
     if len(ids) > MAX_N * 4:
         raise APIError(400, "too many prompts in one request", param="prompt")
     return [r or [tok.eot_id] for r in ids], texts  # an empty prompt starts a new document
+
+
+def chat_render_options(body: dict) -> tuple[bool, bool]:
+    """vLLM's add_generation_prompt (default true) and continue_final_message (default false)."""
+    gp, cont = _bool(body, "add_generation_prompt", True), _bool(body, "continue_final_message", False)
+    if gp and cont:
+        raise APIError(400, "continue_final_message needs 'add_generation_prompt': false", param="continue_final_message")
+    return gp, cont
 
 
 def chat_messages(body: dict, tok=None) -> list[dict]:

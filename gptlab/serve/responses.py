@@ -25,7 +25,8 @@ def completion_logprobs(tok, entries: list, base: int = 0) -> dict:
     which begins with the `base` characters of an echoed prompt."""
     return {"tokens": [_token_str(tok, t) for t, *_ in entries],
             "token_logprobs": [lp for _, lp, _, _ in entries],
-            "top_logprobs": [{_token_str(tok, i): v for i, v in top} for _, _, top, _ in entries],
+            "top_logprobs": [None if top is None else {_token_str(tok, i): v for i, v in top}
+                             for _, _, top, _ in entries],
             "text_offset": [base + off for *_, off in entries]}
 
 
@@ -59,6 +60,15 @@ class Formatter:
     def prompt_text(self, index: int) -> str:
         return self.req.spec.prompt_texts[index // self.req.spec.n] if self.req.spec.echo else ""
 
+    def echoed(self, index: int) -> list:
+        """The echoed prompt's logprob entries (completions with echo and logprobs), else []."""
+        return self.req.prompt_logprobs[index // self.req.spec.n] if self.req.prompt_logprobs else []
+
+    def _completion_logprobs(self, index: int, entries: list, with_prompt: bool) -> dict:
+        base = len(self.prompt_text(index))
+        return completion_logprobs(self.tok, (self.echoed(index) if with_prompt else [])
+                                   + [(t, lp, top, base + off) for t, lp, top, off in entries])
+
     # --- whole responses -----------------------------------------------------------------------
     def add(self, d: Delta) -> None:
         self.texts[d.index] += d.text
@@ -77,7 +87,7 @@ class Formatter:
             lp = None
             if self.req.spec.logprobs is not None:
                 lp = (chat_logprobs(self.tok, self.entries[i]) if self.chat else
-                      completion_logprobs(self.tok, self.entries[i], len(self.prompt_text(i))))
+                      self._completion_logprobs(i, self.entries[i], with_prompt=True))
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None}
                 if self.audio_format:  # OpenAI's shape: the words are the audio's transcript, content is null
@@ -95,8 +105,8 @@ class Formatter:
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "system_fingerprint": None}
-        if self.req.spec.include_usage:
-            body["usage"] = usage_
+        if self.req.spec.include_usage:  # None until the last chunk, or the usage so far (vLLM's continuous)
+            body["usage"] = usage(self.req) if usage_ is None and self.req.spec.continuous_usage else usage_
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def opening(self) -> list[str]:
@@ -105,14 +115,15 @@ class Formatter:
         if self.chat:
             return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]) for i in range(n)]
-        return [self._chunk([{"index": i, "text": self.prompt_text(i), "logprobs": None, "finish_reason": None}])
+        return [self._chunk([{"index": i, "text": self.prompt_text(i), "finish_reason": None,
+                              "logprobs": self._completion_logprobs(i, [], True) if self.echoed(i) else None}])
                 for i in range(n) if self.prompt_text(i)]
 
     def chunk(self, d: Delta) -> str:
         lp = None
         if self.req.spec.logprobs is not None and d.logprobs:
             lp = (chat_logprobs(self.tok, d.logprobs) if self.chat else
-                  completion_logprobs(self.tok, d.logprobs, len(self.prompt_text(d.index))))
+                  self._completion_logprobs(d.index, d.logprobs, with_prompt=False))
         if self.chat:
             delta = {"content": d.text} if d.text or not d.finish_reason else {}
             if self.audio_format:  # text streams as the transcript, speech as base64 chunks

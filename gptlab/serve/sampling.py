@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptlab.generate.logits import filter_logits, repetition_penalty
+from gptlab.generate.logits import filter_logits, hold_stops, repetition_penalty
 from gptlab.generate.params import SamplingParams
 from gptlab.generate.spans import SpanGrammar
 
@@ -30,6 +30,7 @@ class RowSampler:
     frequency: float = 0.0
     logprobs: int | None = None
     spans: SpanGrammar | None = None  # an omni model: media spans well-formed, only the modalities asked for
+    stop_ids: frozenset = frozenset()  # held back until params.min_tokens tokens are out
 
     def __post_init__(self) -> None:
         dev = self.gen.device
@@ -40,6 +41,7 @@ class RowSampler:
         self.counts = None  # OpenAI presence/frequency penalties: generated tokens only
         if self.presence or self.frequency:
             self.counts = torch.zeros(self.vocab, device=dev)
+        self.generated = 0
         self.bias = None
         idx = [t for t in self.logit_bias if 0 <= t < self.vocab]  # ids past the vocabulary are ignored
         if idx:  # (an empty torch.tensor([]) is float, which index_add rejects)
@@ -48,7 +50,8 @@ class RowSampler:
 
     @property
     def adjusts(self) -> bool:
-        return self.seen is not None or self.counts is not None or self.bias is not None or self.spans is not None
+        return (self.seen is not None or self.counts is not None or self.bias is not None or self.spans is not None
+                or self.generated < self.params.min_tokens)
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """(V,) -> (V,) with bias and penalties applied."""
@@ -60,9 +63,10 @@ class RowSampler:
             logits = logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence
         if self.spans is not None:
             logits = self.spans.mask(logits[None])[0]
-        return logits
+        return hold_stops(logits, self.stop_ids, self.generated, self.params)
 
     def observe(self, token: int) -> None:
+        self.generated += 1
         if self.spans is not None:
             self.spans.push([token])
         if self.seen is not None:
