@@ -221,16 +221,16 @@ def test_request_validation_errors(tok):
     # vLLM's fields: the ones done are checked, the ones not done are refused rather than ignored
     assert err({"stop_token_ids": [tok.vocab_size]}).param == "stop_token_ids"
     assert err({"min_tokens": 20, "max_tokens": 10}).param == "min_tokens"
-    from gptlab.serve.protocol import COMPLETION_FIELDS, warn_unknown
+    from gptlab.serve.protocol import COMPLETION_FIELDS, check_fields
 
     for field in ("prompt_logprobs", "guided_choice", "guided_regex", "guided_json"):
         with pytest.raises(APIError, match=field):
-            warn_unknown({"model": "m", field: 1}, COMPLETION_FIELDS, "/v1/completions")
+            check_fields({"model": "m", field: 1}, COMPLETION_FIELDS, "/v1/completions")
     from gptlab.serve.protocol import CHAT_FIELDS, chat_render_options
 
     with pytest.raises(APIError, match="'echo' is not supported"):
-        warn_unknown({"echo": True}, CHAT_FIELDS, "/v1/chat/completions")
-    warn_unknown({"echo": True}, COMPLETION_FIELDS, "/v1/completions")  # completions do echo
+        check_fields({"echo": True}, CHAT_FIELDS, "/v1/chat/completions")
+    check_fields({"echo": True}, COMPLETION_FIELDS, "/v1/completions")  # completions do echo
     with pytest.raises(APIError, match="add_generation_prompt"):
         chat_render_options({"continue_final_message": True})
     for raw in (b"{not json", b"\xff\xfe{}", b"[1, 2]", b'{"temperature": NaN}'):

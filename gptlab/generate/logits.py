@@ -27,8 +27,10 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor 
 
 def hold_stops(logits: torch.Tensor, stop_ids, generated: int, p: SamplingParams) -> torch.Tensor:
     """Before `p.min_tokens` tokens, the stop tokens get -inf (vLLM's min_tokens); (..., V) in and out."""
+    if generated >= p.min_tokens:
+        return logits
     ids = sorted(t for t in stop_ids if 0 <= t < logits.size(-1))
-    if generated >= p.min_tokens or not ids:
+    if not ids:
         return logits
     logits = logits.clone()
     logits[..., ids] = float("-inf")

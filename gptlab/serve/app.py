@@ -31,7 +31,7 @@ from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, chat_render_options,
-                                   completion_prompts, error_body, parse_json, parse_request, warn_unknown)
+                                   check_fields, completion_prompts, error_body, parse_json, parse_request)
 from gptlab.serve.media import model_modalities, output_modalities
 from gptlab.serve.responses import Formatter
 from gptlab.serve.tokens import add_token_routes
@@ -302,7 +302,7 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
     body = await srv.body(request)
     srv.check_model(body)
     if kind == "chat":
-        warn_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
+        check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
 
         def encode(b):
             msgs = chat_messages(b, srv.tok)
@@ -311,7 +311,7 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
             ids = srv.chat_ids(msgs, *chat_render_options(b))
             return [ids], [content_text(m["content"]) for m in msgs], srv.chat_stop_ids
     else:
-        warn_unknown(body, COMPLETION_FIELDS, "/v1/completions")
+        check_fields(body, COMPLETION_FIELDS, "/v1/completions")
 
         def encode(b):
             return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())

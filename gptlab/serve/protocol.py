@@ -145,7 +145,8 @@ class GenSpec:
     continuous_usage: bool = False   # usage so far in every stream chunk
 
 
-def warn_unknown(body: dict, known: set[str], endpoint: str) -> None:
+def check_fields(body: dict, known: set[str], endpoint: str) -> None:
+    """Fields we know but do not do are a 400; unknown fields are logged and ignored."""
     refused = sorted(k for k in NOT_SUPPORTED - known if body.get(k) not in (None, False))  # chat has no echo
     if refused:
         raise APIError(400, f"'{refused[0]}' is not supported by this server", param=refused[0])
