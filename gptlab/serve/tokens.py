@@ -13,12 +13,16 @@ from gptlab.tokenizer.base import EOT
 
 def add_token_routes(app: FastAPI, srv) -> None:
     """`srv`: the app's Server (gptlab.serve.app)."""
-    @app.post("/tokenize")
-    async def tokenize(request: HTTPRequest):
+    async def read(request: HTTPRequest) -> dict:  # a key if the server has keys, a loaded model, a JSON body
         srv.authorize(request)
         srv.ready()
         body = await srv.body(request)
         srv.check_model(body, required=False)
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        body = await read(request)
         if "messages" in body:
             ids = await asyncio.to_thread(srv.chat_ids, chat_messages(body), *chat_render_options(body))
         elif isinstance(body.get("prompt"), str) and body["prompt"] in srv.tok.special_tokens:
@@ -37,11 +41,7 @@ def add_token_routes(app: FastAPI, srv) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: HTTPRequest):
-        srv.authorize(request)
-        srv.ready()
-        body = await srv.body(request)
-        srv.check_model(body, required=False)
-        ids = body.get("tokens")
+        ids = (await read(request)).get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
         if any(not 0 <= t < srv.tok.vocab_size for t in ids):
