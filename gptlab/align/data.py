@@ -4,7 +4,8 @@ Every loader takes a path (JSONL, JSON, CSV or TSV via `gptlab.data.records.read
 or a list of dicts, and turns rows into chat-template conversations (`Message` = {"role", "content"}).
 
 Layouts understood, per row:
-- SFT: {"prompt", "response"} (+ optional "system"); {"messages": [...]} (multi-turn, a JSON string in CSV);
+- SFT: {"prompt", "response"} (+ optional "system"); {"messages": [...]} (multi-turn, a JSON string in CSV;
+  with an optional "tools" list, assistant "tool_calls" and "tool" results, as in OpenAI's chat API);
   Alpaca {"instruction", "input", "output"} (the input, when present, follows the instruction after a blank
   line, as in Alpaca's own prompt); Self-Instruct seed tasks {"instruction", "instances": [{"input",
   "output"}, ...]} (one example per instance: the shared seed_tasks.jsonl loads as is).
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptlab.chat.template import validate_messages
+from gptlab.chat.tools import with_tools
 from gptlab.data.hf_rows import is_hf_source
 from gptlab.data.records import read_rows
 from gptlab.errors import GptlabError
@@ -100,7 +102,7 @@ def _messages(v, where: str, key: str = "messages", base: Path | None = None) ->
         validate_messages(v)
     except GptlabError as e:
         raise GptlabError(f"{where}: {e}") from None
-    return [{"role": m["role"], "content": m["content"]} for m in v]
+    return [{k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in v]
 
 
 def _prompt_messages(row: dict, where: str) -> list[Message]:
@@ -124,6 +126,14 @@ def _prompt_messages(row: dict, where: str) -> list[Message]:
     return msgs
 
 
+def _tools(row: dict, where: str) -> list[dict] | None:
+    """An optional "tools" field: OpenAI's function list, rendered into the system message."""
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise GptlabError(f"{where}: field 'tools' must be a list of OpenAI function objects")
+    return tools
+
+
 def _alpaca_user(instruction: str, inp: str) -> str:
     return instruction.strip() + (f"\n\n{inp.strip()}" if inp and inp.strip() else "")
 
@@ -132,7 +142,7 @@ def _sft_conversations(row: dict, where: str, base: Path | None = None) -> list[
     """One row -> its conversation(s), each ending on an assistant turn (not yet checked for emptiness).
     Media paths in content parts are relative to `base` (the data file's folder)."""
     if "messages" in row:
-        msgs = _messages(row["messages"], where, base=base)
+        msgs = with_tools(_messages(row["messages"], where, base=base), _tools(row, where))
         while msgs and msgs[-1]["role"] != "assistant":  # trailing user turns train nothing
             msgs.pop()
         if not msgs:

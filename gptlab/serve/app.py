@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptlab import __version__
 from gptlab.chat.template import CHAT_TOKENS, content_text, render_ids
 from gptlab.errors import GptlabError
+from gptlab.generate.constrain import ll_tokenizer
 from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
@@ -34,6 +35,7 @@ from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, cha
                                    check_fields, completion_prompts, error_body, parse_json, parse_request)
 from gptlab.serve.media import model_modalities, output_modalities
 from gptlab.serve.responses import Formatter
+from gptlab.serve.structured import parse_tools, request_grammar
 from gptlab.serve.tokens import add_token_routes
 
 log = logging.getLogger("gptlab.serve")
@@ -79,6 +81,10 @@ class Server:
             self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
             self.chat_stop_ids = tuple(self.tok.special_tokens[t] for t in CHAT_TOKENS) if self.chat_ok else ()
             gen = Generator(run.model, run.tokenizer, self.dtype, rows=min(self.max_batch, 8))
+            try:  # the vocabulary's token trie for structured output, built now rather than in the first request
+                ll_tokenizer(self.tok)
+            except GptlabError as e:
+                log.info("%s", e)
             self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator)
             self.engine.start()
             self.status = "ready"
@@ -137,13 +143,14 @@ class Server:
             raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, msgs: list[dict], generation_prompt: bool = True, continue_final: bool = False) -> list[int]:
+    def chat_ids(self, msgs: list[dict], generation_prompt: bool = True, continue_final: bool = False,
+                 tools: list[dict] | None = None) -> list[int]:
         if not self.chat_ok:
             raise APIError(400, f"model '{self.model_name}' has no chat template tokens; it cannot serve chat "
                                 "completions (use /v1/completions, or fine-tune it with the chat tokens)",
                            code="chat_not_supported")
         try:
-            return render_ids(self.tok, msgs, generation_prompt, continue_final)[0]  # content is plain text
+            return render_ids(self.tok, msgs, generation_prompt, continue_final, tools)[0]  # content is plain text
         except GptlabError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -301,15 +308,17 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
     srv.ready()
     body = await srv.body(request)
     srv.check_model(body)
+    tools = None
     if kind == "chat":
         check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+        tools = parse_tools(body)
 
         def encode(b):
             msgs = chat_messages(b, srv.tok)
             # a reply ends at <|end|> or at any role token (a model that starts a new turn has finished
             # its own), as in `gptlab chat` and the pipeline
-            ids = srv.chat_ids(msgs, *chat_render_options(b))
-            return [ids], [content_text(m["content"]) for m in msgs], srv.chat_stop_ids
+            ids = srv.chat_ids(msgs, *chat_render_options(b), tools=tools.functions if tools else None)
+            return [ids], [content_text(m.get("content") or "") for m in msgs], srv.chat_stop_ids
     else:
         check_fields(body, COMPLETION_FIELDS, "/v1/completions")
 
@@ -317,6 +326,8 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
             return (*completion_prompts(b, srv.tok, srv.tok.vocab_size), ())
     # tokenizing up to max_body bytes takes a while: off the event loop, so other streams keep flowing
     spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch, srv.tok.vocab_size)
+    spec.grammar = await asyncio.to_thread(request_grammar, body, tools)  # a large schema compiles for a while
+    spec.tools = tools if tools is not None and tools.choice != "none" else None
     if kind == "chat":  # the media the reply may hold: the grammar allows exactly those spans
         media, spec.audio_format = output_modalities(body, srv.tok)
         spec.params = dataclasses.replace(spec.params, modalities=("text", *media))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptlab.generate.cache import KVCache
+from gptlab.generate.constrain import Constraint, stop_tokens
 from gptlab.generate.generator import Generator
 from gptlab.generate.spans import SpanGrammar, SpanReader
 from gptlab.generate.text import TextStream
@@ -80,9 +81,13 @@ class Row:
         eot = tok.eot_id
         omni = isinstance(tok, OmniTokenizer)
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
+        constraint = Constraint(tok, spec.grammar) if spec.grammar else None
+        if constraint is not None:  # the grammar's own end: <|endoftext|> or <|end|>
+            self.stop_ids |= set(stop_tokens(tok))
         self.sampler = RowSampler(p, torch.Generator(device=device).manual_seed(seed), prompt, tok.vocab_size,
                                   spec.logit_bias, spec.presence_penalty, spec.frequency_penalty, spec.logprobs,
-                                  SpanGrammar(tok, [prompt], p.modalities) if omni else None, frozenset(self.stop_ids))
+                                  SpanGrammar(tok, [prompt], p.modalities) if omni else None, frozenset(self.stop_ids),
+                                  constraint)
         self.media = SpanReader(tok, chunk=10) if omni else None  # speech streams in 0.2 s pieces
         self.stream = TextStream(tok, p.stop, p.include_stop_str)
         self.filter = moderator.output_filter() if moderator else None
@@ -317,6 +322,8 @@ class Engine:
                 lps.append((t, lp[0], lp[1], len(r.stream.text)))  # where t's text starts, held-back text included
             if not is_media and r.stream.push(t):
                 reason = "stop"
+            elif r.sampler.constraint is not None and r.sampler.constraint.finished:
+                reason = "stop"  # the grammar admits nothing more
             elif r.generated >= r.req.spec.params.max_new_tokens:
                 reason = "length"
         if reason and r.media is not None and r.media.span is not None:

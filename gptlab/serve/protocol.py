@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from gptlab.chat.tools import check_calls
 from gptlab.errors import GptlabError
 from gptlab.generate.params import SamplingParams
 
@@ -115,14 +116,14 @@ def _bool(body: dict, name: str, default: bool) -> bool:
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed",
           "n", "stream", "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
           "user", "ignore_eos", "best_of", "metadata", "store", "service_tier", "parallel_tool_calls",
-          "min_tokens", "stop_token_ids", "include_stop_str_in_output"}  # the last three: vLLM's
+          "min_tokens", "stop_token_ids", "include_stop_str_in_output",  # vLLM's
+          "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+          "guided_decoding_backend", "structured_outputs"}  # gptlab.serve.structured
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "suffix"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                        "response_format", "modalities", "reasoning_effort", "audio",
-                        "add_generation_prompt", "continue_final_message"}
+                        "modalities", "reasoning_effort", "audio", "add_generation_prompt", "continue_final_message"}
 # vLLM's fields that this server knows but does not do: a 400 rather than a silently different answer
-NOT_SUPPORTED = {"prompt_logprobs", "guided_choice", "guided_regex", "guided_json", "guided_grammar",
-                 "guided_decoding_backend", "structured_outputs", "use_beam_search", "echo"}
+NOT_SUPPORTED = {"prompt_logprobs", "use_beam_search", "echo"}
 
 
 @dataclass
@@ -143,6 +144,8 @@ class GenSpec:
     frequency_penalty: float = 0.0
     audio_format: str | None = None  # an omni reply's audio: "wav" | "pcm16" (None: no audio asked for)
     continuous_usage: bool = False   # usage so far in every stream chunk
+    grammar: str | None = None       # structured output / forced tool calls: an llguidance grammar
+    tools: object = None             # gptlab.serve.structured.Tools: the reply's calls are read back
 
 
 def check_fields(body: dict, known: set[str], endpoint: str) -> None:
@@ -212,11 +215,6 @@ def parse_request(body: dict, kind: str, encode_prompts, ctx: int, max_batch: in
     if model is None:
         raise APIError(400, "'model' is required", param="model")
     _text(model, "model")
-    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
-        raise APIError(400, "tools / function calling are not supported by this server", param="tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
     prompts, texts, stop_ids = encode_prompts(body)
     n = _int(body, "n", 1, 1, MAX_N)
     if n * len(prompts) > max_batch:
@@ -307,21 +305,42 @@ def chat_render_options(body: dict) -> tuple[bool, bool]:
 
 def chat_messages(body: dict, tok=None) -> list[dict]:
     """OpenAI messages -> the chat template's {role, content}: text content parts are joined, `developer`
-    is the system role (OpenAI renamed it), tool/function messages are 400s; image_url and input_audio
+    is the system role (OpenAI renamed it), assistant tool_calls and `tool` results (each answering an
+    earlier call's id) render through the template, legacy `function` messages are 400s; image_url and input_audio
     parts become media parts for an omni model (`tok`) and are 400s for any other."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
+    out, call_ids = [], set()
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise APIError(400, f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
         role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {role!r} is not supported (system, user, assistant)",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported (system, user, assistant, tool)",
                            param="messages")
         content = m.get("content")
+        if role == "tool":
+            if m.get("tool_call_id") not in call_ids:
+                raise APIError(400, f"messages[{i}]: a 'tool' message must answer an earlier assistant tool call "
+                                    f"(unknown tool_call_id {m.get('tool_call_id')!r})", param="messages")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") if isinstance(p, dict) else "" for p in content)
+            out.append({"role": "tool", "tool_call_id": m["tool_call_id"], "content": _text(content, f"messages[{i}].content")})
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            try:
+                check_calls(calls, f"messages[{i}]")
+            except GptlabError as e:
+                raise APIError(400, str(e), param="messages") from None
+            call_ids |= {c.get("id") for c in calls}
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") if isinstance(p, dict) else "" for p in content)
+            out.append({"role": "assistant", "content": _text(content or "", f"messages[{i}].content"),
+                        "tool_calls": calls})
+            continue
         if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
             from gptlab.serve.media import content_parts
 

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from gptlab.chat.tools import CallStream, parse_calls
 from gptlab.serve.engine import Delta, Request
 from gptlab.serve.media import audio_bytes, audio_message, b64, image_part
 
@@ -56,6 +57,7 @@ class Formatter:
         self.waves: list[list] = [[] for _ in range(n)]
         self.images: list[list] = [[] for _ in range(n)]
         self.audio_ids = ["audio_" + req.id + f"_{i}" for i in range(n)]
+        self.calls = [CallStream() for _ in range(n)] if self.chat and req.spec.tools else None
 
     def prompt_text(self, index: int) -> str:
         return self.req.spec.prompt_texts[index // self.req.spec.n] if self.req.spec.echo else ""
@@ -90,6 +92,11 @@ class Formatter:
                       self._completion_logprobs(i, self.entries[i], with_prompt=True))
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None}
+                if self.calls is not None:  # the reply's <tool_call> blocks become tool_calls
+                    content, calls = parse_calls(text)
+                    if calls:
+                        message.update(content=content or None, tool_calls=calls)
+                        reason = "tool_calls" if reason == "stop" else reason
                 if self.audio_format:  # OpenAI's shape: the words are the audio's transcript, content is null
                     message.update(content=None, audio=audio_message(self.waves[i], text, self.audio_format))
                 if self.images[i]:
@@ -125,7 +132,17 @@ class Formatter:
             lp = (chat_logprobs(self.tok, d.logprobs) if self.chat else
                   self._completion_logprobs(d.index, d.logprobs, with_prompt=False))
         if self.chat:
-            delta = {"content": d.text} if d.text or not d.finish_reason else {}
+            reason, text = d.finish_reason, d.text
+            delta = {}
+            if self.calls is not None:  # text streams until a call opens; each call comes whole when it closes
+                stream = self.calls[d.index]
+                text, calls = stream.feed(d.text, final=reason is not None)
+                if calls:
+                    delta["tool_calls"] = calls
+                if reason == "stop" and stream.calls:
+                    reason = "tool_calls"
+            if text or not (reason or delta):
+                delta = {"content": text, **delta}
             if self.audio_format:  # text streams as the transcript, speech as base64 chunks
                 audio = {"id": self.audio_ids[d.index]}
                 if d.text:
@@ -137,7 +154,7 @@ class Formatter:
             images = [image_part(p["image"]) for p in d.media if p["type"] == "image"]
             if images:
                 delta["images"] = images
-            return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
+            return self._chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": reason}])
         return self._chunk([{"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])
 
     def usage_chunk(self) -> str:

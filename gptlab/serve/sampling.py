@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptlab.generate.constrain import Constraint, apply_masks
 from gptlab.generate.logits import filter_logits, hold_stops, repetition_penalty
 from gptlab.generate.params import SamplingParams
 from gptlab.generate.spans import SpanGrammar
@@ -31,6 +32,7 @@ class RowSampler:
     logprobs: int | None = None
     spans: SpanGrammar | None = None  # an omni model: media spans well-formed, only the modalities asked for
     stop_ids: frozenset = frozenset()  # held back until params.min_tokens tokens are out
+    constraint: Constraint | None = None  # structured output: a grammar masks the vocabulary
 
     def __post_init__(self) -> None:
         dev = self.gen.device
@@ -67,6 +69,8 @@ class RowSampler:
 
     def observe(self, token: int) -> None:
         self.generated += 1
+        if self.constraint is not None:
+            self.constraint.push(token)
         if self.spans is not None:
             self.spans.push([token])
         if self.seen is not None:
@@ -89,6 +93,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampler | None]) -> tuple[li
         proc = logits.clone()
         for i in adj:
             proc[i] = rows[i].adjust(proc[i])
+    constrained = [i for i in live if rows[i].constraint is not None]
+    if constrained:  # last, so that no penalty or bias can bring a disallowed token back
+        proc = proc if adj else logits.clone()
+        apply_masks(proc, constrained, [rows[i].constraint for i in constrained])
     tokens = proc.argmax(dim=-1)  # greedy rows keep these
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in live:
