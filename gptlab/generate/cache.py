@@ -132,6 +132,23 @@ class KVCache:
             self.max_len -= s
         self.padded = bool(self.pad.any())
 
+    def write_row(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Fill slots start.. of `row` with a sequence's first kv.size(3) tokens: kv (n_layer, 2, H, c, D),
+        positions 0..c-1 (a cached prefix copied in before the rest of the prompt is prefilled)."""
+        self._check_flat()
+        c = kv.size(3)
+        for layer, (k, v) in zip(self.layers, kv):
+            layer.k[row, :, start:start + c], layer.v[row, :, start:start + c] = k, v
+        self.pos[row, start:start + c] = torch.arange(c, device=self.device)
+        self.valid[row, start:start + c] = True
+
+    def read_row(self, row: int, a: int, b: int) -> torch.Tensor:
+        """KV of `row`'s tokens a..b-1 (counted from its first token) -> (n_layer, 2, H, b - a, D)."""
+        self._check_flat()
+        s = int(self.pad[row])
+        return torch.stack([torch.stack([layer.k[row, :, s + a:s + b], layer.v[row, :, s + a:s + b]])
+                            for layer in self.layers])
+
     @staticmethod
     def concat(caches: list["KVCache"], room: int) -> "KVCache":
         """One cache holding the rows of `caches` (in order), right-aligned to the longest filled length

@@ -31,6 +31,7 @@ from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
+from gptlab.serve.prefix import PrefixCache
 from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, chat_render_options,
                                    check_fields, completion_prompts, error_body, parse_json, parse_request)
 from gptlab.serve.media import model_modalities, output_modalities
@@ -51,7 +52,7 @@ class Server:
     """Loading state, the engine, and the shared helpers of the routes."""
 
     def __init__(self, run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name,
-                 max_body_bytes, moderation_action, moderation_label, moderation_threshold):
+                 max_body_bytes, moderation_action, moderation_label, moderation_threshold, prefix_cache_mb=0):
         self.run_dir = Path(run_dir)
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
@@ -60,6 +61,7 @@ class Server:
         self.dtype = canonical_dtype(dtype, INFER_DTYPES) if isinstance(dtype, str) else dtype
         self.device, self.moderation = device, moderation
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
+        self.prefix_cache_mb = prefix_cache_mb
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.moderator: Moderator | None = None
@@ -85,7 +87,8 @@ class Server:
                 ll_tokenizer(self.tok)
             except GptlabError as e:
                 log.info("%s", e)
-            self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator)
+            prefix = PrefixCache(max_bytes=self.prefix_cache_mb << 20) if self.prefix_cache_mb > 0 else None
+            self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator, prefix=prefix)
             self.engine.start()
             self.status = "ready"
             log.info("loaded %s (%s, context %d) in %.1f s", self.run_dir, self.model_name, self.ctx,
@@ -209,14 +212,16 @@ class StatusCounter:
 def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64, moderation=None, dtype=None,
                device: str = "cpu", model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                moderation_action: str = "redact", moderation_label: str | None = None,
-               moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+               moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = (),
+               prefix_cache_mb: int = 1024) -> FastAPI:
     """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
     run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable. `cors_origins`:
-    web origins whose pages may call the API from a browser (none by default)."""
+    web origins whose pages may call the API from a browser (none by default). `prefix_cache_mb`: memory for
+    reused prompt-prefix KV (0: off)."""
     if max_batch < 1 or max_queue < 1:
         raise GptlabError("max_batch and max_queue must be ≥ 1")
     srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
-                 moderation_action, moderation_label, moderation_threshold)
+                 moderation_action, moderation_label, moderation_threshold, prefix_cache_mb)
 
     async def lifespan(app):
         threading.Thread(target=srv.load, name="gptlab-load", daemon=True).start()

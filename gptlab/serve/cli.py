@@ -14,7 +14,8 @@ def cmd_serve(a) -> None:
     serve(a.run_dir, host=a.host, port=a.port, log_level=a.log_level, api_keys=tuple(a.api_key or ()),
           max_batch=a.max_batch, max_queue=a.max_queue, moderation=mod, dtype=a.dtype, device=a.device,
           model_name=a.model_name, moderation_action=a.moderation_action, moderation_label=a.moderation_label,
-          moderation_threshold=a.moderation_threshold, cors_origins=tuple(a.cors_origin or ()))
+          moderation_threshold=a.moderation_threshold, cors_origins=tuple(a.cors_origin or ()),
+          prefix_cache_mb=a.prefix_cache_mb)
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API from a "
                         "browser (repeatable) [default: none]")
+    p.add_argument("--prefix-cache-mb", type=int, default=1024,
+                   help="memory for the KV of prompt prefixes seen before (shared system prompts, earlier chat "
+                        "turns), reused instead of prefilled again; 0: off [default: 1024]")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p

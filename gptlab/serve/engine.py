@@ -34,6 +34,7 @@ from gptlab.generate.spans import SpanGrammar, SpanReader
 from gptlab.generate.text import TextStream
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
+from gptlab.serve.prefix import PrefixCache
 from gptlab.serve.protocol import APIError, GenSpec
 from gptlab.serve.sampling import RowSampler, sample_rows
 from gptlab.tokenizer import OmniTokenizer
@@ -92,12 +93,13 @@ class Row:
         self.stream = TextStream(tok, p.stop, p.include_stop_str)
         self.filter = moderator.output_filter() if moderator else None
         self.generated, self.alive, self.last = 0, True, eot
+        self.out: list[int] = []  # sampled ids: with the prompt, what the row's KV holds (but the last)
 
 
 class Engine:
     def __init__(self, generator: Generator, metrics: Metrics, max_batch: int = 32, max_queue: int = 64,
-                 moderator: Moderator | None = None, prefill_tokens: int = 4096):
-        self.gen, self.metrics, self.moderator = generator, metrics, moderator
+                 moderator: Moderator | None = None, prefill_tokens: int = 4096, prefix: PrefixCache | None = None):
+        self.gen, self.metrics, self.moderator, self.prefix = generator, metrics, moderator, prefix
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.tok, self.eot, self.vocab = generator.tok, generator.tok.eot_id, generator.tok.vocab_size
         self.cv = threading.Condition()
@@ -191,25 +193,39 @@ class Engine:
         self.metrics.set_load(len({id(r.req) for r in alive}), len(self.waiting), len(alive))
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Prefill the newcomers' prompts (each distinct prompt once) and merge them into the batch."""
+        """Prefill the newcomers' prompts (each distinct prompt once, after the longest cached prefix of
+        each) and merge them into the batch."""
         new_rows = [Row(q, j * q.spec.n + k, p, self.tok, self.gen.device, self.moderator)
                     for q in reqs for j, p in enumerate(q.spec.prompts) for k in range(q.spec.n)]
         unique: dict[tuple, int] = {}
         for r in new_rows:
             unique.setdefault(tuple(r.prompt), len(unique))
         prompts = [list(p) for p in unique]
+        echo = {tuple(p) for q in reqs if q.spec.echo and q.spec.logprobs is not None for p in q.spec.prompts}
+        hits = [self.prefix.lookup(p) if self.prefix is not None and tuple(p) not in echo else (0, [])
+                for p in prompts]  # an echoed prompt needs every token's logits: no reuse
         B, P = len(prompts), max(len(p) for p in prompts)
+        S = max(len(p) - c for p, (c, _) in zip(prompts, hits))  # slots to prefill: the longest uncached tail
         room = max(r.req.spec.params.max_new_tokens for r in new_rows)
-        x = torch.full((B, P), self.eot, dtype=torch.long)
+        x = torch.full((B, S), self.eot, dtype=torch.long)
         for i, p in enumerate(prompts):
-            x[i, P - len(p):] = torch.tensor(p)
+            tail = p[-S:]
+            x[i, S - len(tail):] = torch.tensor(tail)
         pad = torch.tensor([P - len(p) for p in prompts])
         cache = KVCache(self.gen.model.cfg, B, P + room, self.gen.device, self.gen.dtype, pad, ring=False)
-        h = self.gen.model.hidden(x.to(self.gen.device), cache=cache)  # (B, P, C)
+        for i, (c, blocks) in enumerate(hits):
+            if c:  # copied in; a row whose tail is shorter than S recomputes some cached slots (same values)
+                cache.write_row(i, int(pad[i]), torch.cat([b.kv for b in blocks], dim=3))
+        cache.length = P - S
+        h = self.gen.model.hidden(x.to(self.gen.device), cache=cache)  # (B, S, C)
         logits = self.gen._logits(h)  # (B, V)
+        if self.prefix is not None:
+            for i, p in enumerate(prompts):
+                self.prefix.insert(p, lambda a, b, i=i: cache.read_row(i, a, b))
+        self.metrics.add_cached_tokens(sum(c for c, _ in hits))
         for q in reqs:  # lm-eval's scoring call: the prompt's own logprobs, from the same forward pass
             if q.spec.echo and q.spec.logprobs is not None:
-                q.prompt_logprobs = [self._prompt_logprobs(h[unique[tuple(p)], P - len(p):], p, q.spec.logprobs)
+                q.prompt_logprobs = [self._prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs)
                                      for p in q.spec.prompts]
         self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
         expand = torch.tensor([unique[tuple(r.prompt)] for r in new_rows], device=self.gen.device)
@@ -274,8 +290,8 @@ class Engine:
         toks, info = sample_rows(self.logits, [r.sampler if r.alive else None for r in self.rows])
         now = time.perf_counter()
         out: dict[int, tuple[Request, list[Delta]]] = {}
-        emitted = 0
-        for r, t, lp in zip(self.rows, toks, info):
+        emitted, finished = 0, []
+        for i, (r, t, lp) in enumerate(zip(self.rows, toks, info)):
             if not r.alive:
                 continue
             emitted += 1
@@ -290,7 +306,11 @@ class Engine:
             if d.finish_reason:
                 r.alive = False
                 req.rows_left -= 1
+                finished.append(i)
         self.metrics.add_step(emitted)
+        for i in finished if self.prefix is not None else ():  # the reply's KV too: a chat's next turn starts with it
+            r = self.rows[i]
+            self.prefix.insert(r.prompt + r.out[:-1], lambda a, b, i=i: self.cache.read_row(i, a, b))
         for req, deltas in out.values():
             if deltas:
                 req.post(deltas)
@@ -308,6 +328,7 @@ class Engine:
         """Apply token t to row r: stop conditions, text delta, moderation."""
         r.generated += 1
         r.last = t
+        r.out.append(t)
         reason, ids, lps, media = None, [], [], []
         is_media = False
         if r.media is not None and t not in r.stop_ids:  # an omni reply: codes and markers are not text

@@ -17,7 +17,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.running = self.waiting = self.batch_rows = self.peak_batch_rows = 0
-        self.prompt_tokens = self.generation_tokens = 0
+        self.prompt_tokens = self.generation_tokens = self.cached_tokens = 0
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.cancelled = self.rejected = 0
         self.moderation: dict[tuple[str, str, str], int] = {}  # (stage, action, source) -> count
@@ -35,6 +35,10 @@ class Metrics:
     def add_prompt_tokens(self, n: int) -> None:
         with self.lock:
             self.prompt_tokens += n
+
+    def add_cached_tokens(self, n: int) -> None:
+        with self.lock:
+            self.cached_tokens += n
 
     def add_step(self, tokens: int) -> None:
         now = time.monotonic()
@@ -94,6 +98,8 @@ class Metrics:
             metric("gptlab_batch_rows", "gauge", "Rows (choices) in the decode batch.", [("", self.batch_rows)])
             metric("gptlab_batch_rows_peak", "gauge", "Largest decode batch so far.", [("", self.peak_batch_rows)])
             metric("gptlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            metric("gptlab_prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose KV came from the prefix "
+                   "cache instead of a forward pass.", [("", self.cached_tokens)])
             metric("gptlab_generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens)])
             metric("gptlab_decode_steps_total", "counter", "Batched decode steps.", [("", self.decode_steps)])
             metric("gptlab_generation_tokens_per_second", "gauge",
