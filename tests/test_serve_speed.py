@@ -96,3 +96,64 @@ def test_prefix_blocks_are_shared_and_evicted_by_reference_count():
     c.insert([7, 7, 7, 7, 7], kv)  # over budget: the least recent tip goes (D), never a block with children
     assert len(c.blocks) == 4 and c.lookup(list(range(8)) + [50, 51, 52, 53, 0])[0] == 8
     assert c.lookup(list(range(12)) + [0])[0] == 12
+
+
+def _completion(tok, prompt, max_tokens, **kw):
+    from gptlab.serve.protocol import completion_prompts
+
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
+    return parse_request(body, "completion", lambda b: (*completion_prompts(b, tok, tok.vocab_size), ()), 512, 32,
+                         tok.vocab_size)
+
+
+@pytest.mark.parametrize("draft_seed", [0, 1])  # the target itself (all accepted) and another model (few)
+def test_speculative_greedy_output_equals_plain_decoding(tok, draft_seed):
+    from gptlab.serve.speculative import Speculator
+
+    target = _model(tok, n_layer=3, n_embd=48)
+    draft = _model(tok, n_layer=3, n_embd=48) if draft_seed == 0 else _model(tok, seed=draft_seed)
+    gen = Generator(target, tok)
+    plain = Engine(gen, Metrics(), max_batch=16)
+    spec = Speculator(Generator(draft, tok), k=3)
+    fast = Engine(gen, Metrics(), max_batch=16, spec=spec, prefix=PrefixCache())
+    prompts = ["Hello there", "The quick brown fox jumps over", "1 2 3", "a", "Once upon a time, in"]
+    specs = lambda: [_completion(tok, p, 9 + 3 * i) for i, p in enumerate(prompts)] + [  # noqa: E731
+        _completion(tok, "Sampled", 12, temperature=0.9, seed=4, n=2),  # sampled rows share the batch
+        _completion(tok, "With a penalty", 10, frequency_penalty=1.0)]  # a row that takes no drafts
+    for e in (plain, fast):
+        e.start()
+    try:
+        a = _run_engine(plain, specs(), stagger=0.003)
+        b = _run_engine(fast, specs(), stagger=0.003)
+        for (ta, ka, _, _), (tb, kb, _, _) in zip(a[:5] + a[6:], b[:5] + b[6:]):
+            assert ka == kb and ta == tb
+        assert all(len(t) == 12 for t in b[5][1].values())
+        rate = spec.accepted / spec.proposed
+        assert rate == 1.0 if draft_seed == 0 else rate < 0.9, rate
+    finally:
+        for e in (plain, fast):
+            e.stop()
+
+
+def test_acceptance_rule_samples_the_target_distribution():
+    """Count: with drafts from q and the standard rule, the first two tokens emitted are distributed as p
+    (position by position, p fixed here), whatever q is."""
+    from gptlab.serve.speculative import accept_drafts
+
+    g = torch.Generator().manual_seed(0)
+    V, k, N = 4, 2, 20000
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    counts = torch.zeros(2, V)
+    for _ in range(N):
+        d = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)]
+        a, residual = accept_drafts(p, q, d, g, greedy=False)
+        seq = d[:a] + [int(torch.multinomial(residual if residual is not None else p[a], 1, generator=g))]
+        if len(seq) < 2:  # a rejection at the first draft: the next round starts from p[1]
+            seq.append(int(torch.multinomial(p[1], 1, generator=g)))
+        counts[0, seq[0]] += 1
+        counts[1, seq[1]] += 1
+    freq = counts / N
+    assert torch.allclose(freq, p[:2], atol=0.015), freq  # 3.4 sigma at N=20000
+    # and the drafts alone would not be: q's first position is far from p's
+    assert (q[0] - p[0]).abs().max() > 0.3

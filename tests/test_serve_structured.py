@@ -216,6 +216,7 @@ def server(tmp_path_factory, tok):
     write_run_config(d / "run", cfg, tok)
     save_model(GPT(cfg).eval(), d / "run" / MODEL_FILE)
     s = Server(d / "run", d / "server.log").wait_healthy()
+    s.run_dir = d / "run"
     yield s
     s.stop()
 
@@ -266,3 +267,26 @@ def test_openai_client_parse_tools_and_streamed_tool_calls(server):
     r = c.completions.create(model="tiny", prompt="Yes or no?", max_tokens=10, n=4, seed=0,
                              extra_body={"guided_choice": ["yes", "no"]})
     assert {ch.text for ch in r.choices} <= {"yes", "no"} and all(ch.finish_reason == "stop" for ch in r.choices)
+
+
+def test_embeddings_are_normalised_mean_hidden_states(server, tok):
+    import openai
+
+    from gptlab.run import load_run
+
+    c = server.client()
+    texts = ["The cat sat on the mat.", "Le chat", "a"]
+    r = c.embeddings.create(model="tiny", input=texts)  # the SDK asks for base64 and decodes it
+    model = load_run(server.run_dir, "cpu").model
+    with torch.no_grad():
+        ref = [torch.nn.functional.normalize(model.hidden(torch.tensor([tok.encode(t)]))[0].mean(0), dim=0)
+               for t in texts]
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts)
+    for d, e in zip(r.data, ref):
+        assert torch.allclose(torch.tensor(d.embedding), e, atol=1e-5)
+    floats = server.post("/v1/embeddings", json.dumps({"model": "tiny", "input": [tok.encode("Le chat")],
+                                                       "encoding_format": "float"})).json()
+    assert floats["data"][0]["embedding"] == pytest.approx(r.data[1].embedding, abs=1e-6)
+    for bad in ({"input": ""}, {"input": [], }, {"input": "x", "dimensions": 7}, {"input": "x", "encoding_format": "hex"}):
+        with pytest.raises(openai.BadRequestError):
+            c.embeddings.create(model="tiny", **bad)

@@ -75,6 +75,7 @@ class KVCache:
         self.max_position = cfg.block_size - 1
         self.pad = pad.to(self.device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=self.device)
         self.padded = bool(self.pad.any())
+        self.holes = torch.zeros(batch, dtype=torch.long, device=self.device)  # rejected draft slots (rewind)
         self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)  # slot -> position
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)  # slot holds a token
         self.layers = []
@@ -91,7 +92,7 @@ class KVCache:
         idx = torch.arange(self.length, self.length + T, device=self.device)[None, :]  # (1, T)
         self.q_valid = idx >= self.pad[:, None]  # (B, T)
         # clamp: a row that already hit its own length limit keeps being fed (its output unused)
-        self.q_pos = (idx - self.pad[:, None]).clamp(0, self.max_position)
+        self.q_pos = (idx - self.pad[:, None] - self.holes[:, None]).clamp(0, self.max_position)
         n = self.length
         self.pos[:, n:n + T], self.valid[:, n:n + T] = self.q_pos, self.q_valid
         return self.q_pos
@@ -101,7 +102,7 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder rows (beam search)."""
-        self.pad = self.pad.index_select(0, index)
+        self.pad, self.holes = self.pad.index_select(0, index), self.holes.index_select(0, index)
         self.pos, self.valid = self.pos.index_select(0, index), self.valid.index_select(0, index)
         for layer in self.layers:
             layer.reorder(index)
@@ -130,7 +131,7 @@ class KVCache:
                 layer.capacity -= s
             self.length -= s
             self.max_len -= s
-        self.padded = bool(self.pad.any())
+        self.padded = bool(self.pad.any() or self.holes.any())
 
     def write_row(self, row: int, start: int, kv: torch.Tensor) -> None:
         """Fill slots start.. of `row` with a sequence's first kv.size(3) tokens: kv (n_layer, 2, H, c, D),
@@ -145,9 +146,21 @@ class KVCache:
     def read_row(self, row: int, a: int, b: int) -> torch.Tensor:
         """KV of `row`'s tokens a..b-1 (counted from its first token) -> (n_layer, 2, H, b - a, D)."""
         self._check_flat()
-        s = int(self.pad[row])
-        return torch.stack([torch.stack([layer.k[row, :, s + a:s + b], layer.v[row, :, s + a:s + b]])
-                            for layer in self.layers])
+        slots = self.valid[row, :self.length].nonzero()[a:b, 0]  # skips padding and rewound slots
+        return torch.stack([torch.stack([layer.k[row, :, slots], layer.v[row, :, slots]]) for layer in self.layers])
+
+    def rewind(self, start: int, kept: torch.Tensor) -> None:
+        """After a forward over slots start..length-1, row b keeps only its first kept[b] of them (speculative
+        decoding: the drafts the target rejected). The cache shrinks to the longest row's need; shorter rows'
+        dropped slots become holes (invalid, and not counted in later positions)."""
+        self._check_flat()
+        end = start + int(kept.max())
+        kept = kept.to(self.device)
+        idx = torch.arange(start, end, device=self.device)
+        self.valid[:, start:end] &= idx[None, :] < (start + kept)[:, None]
+        self.holes += end - start - kept
+        self.length = end
+        self.padded = bool(self.pad.any() or self.holes.any())
 
     @staticmethod
     def concat(caches: list["KVCache"], room: int) -> "KVCache":
@@ -160,6 +173,8 @@ class KVCache:
         L = max(c.length for c in caches)
         pad = torch.cat([c.pad + (L - c.length) for c in caches])
         out = KVCache(first.cfg, int(pad.numel()), L + room, first.device, first.dtype, pad, ring=False)
+        out.holes = torch.cat([c.holes for c in caches])
+        out.padded = out.padded or bool(out.holes.any())
         b = 0
         for c in caches:
             rows, d = slice(b, b + c.batch), L - c.length

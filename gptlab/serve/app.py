@@ -28,6 +28,7 @@ from gptlab.chat.template import CHAT_TOKENS, content_text, render_ids
 from gptlab.errors import GptlabError
 from gptlab.generate.constrain import ll_tokenizer
 from gptlab.runtime import INFER_DTYPES, canonical_dtype
+from gptlab.serve.embeddings import add_embedding_routes
 from gptlab.serve.engine import DONE, Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
@@ -52,7 +53,8 @@ class Server:
     """Loading state, the engine, and the shared helpers of the routes."""
 
     def __init__(self, run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name,
-                 max_body_bytes, moderation_action, moderation_label, moderation_threshold, prefix_cache_mb=0):
+                 max_body_bytes, moderation_action, moderation_label, moderation_threshold, prefix_cache_mb=0,
+                 draft=None, speculative_tokens=4):
         self.run_dir = Path(run_dir)
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
@@ -61,7 +63,7 @@ class Server:
         self.dtype = canonical_dtype(dtype, INFER_DTYPES) if isinstance(dtype, str) else dtype
         self.device, self.moderation = device, moderation
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
-        self.prefix_cache_mb = prefix_cache_mb
+        self.prefix_cache_mb, self.draft, self.speculative_tokens = prefix_cache_mb, draft, speculative_tokens
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.moderator: Moderator | None = None
@@ -88,7 +90,9 @@ class Server:
             except GptlabError as e:
                 log.info("%s", e)
             prefix = PrefixCache(max_bytes=self.prefix_cache_mb << 20) if self.prefix_cache_mb > 0 else None
-            self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator, prefix=prefix)
+            spec = self._speculator(run) if self.draft else None
+            self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator, prefix=prefix,
+                                 spec=spec)
             self.engine.start()
             self.status = "ready"
             log.info("loaded %s (%s, context %d) in %.1f s", self.run_dir, self.model_name, self.ctx,
@@ -96,6 +100,21 @@ class Server:
         except Exception as e:  # /health reports it; the process stays up to say why
             self.status, self.error = "failed", f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.run_dir, self.error)
+
+    def _speculator(self, run):
+        from gptlab.generate.generator import Generator
+        from gptlab.run import load_run
+        from gptlab.serve.speculative import Speculator
+
+        draft = load_run(self.draft, self.device)
+        if draft.tokenizer.to_dict() != run.tokenizer.to_dict():
+            raise GptlabError(f"the draft run {self.draft} has a different tokenizer from the served model")
+        if draft.model.cfg.block_size < run.model.cfg.block_size:
+            raise GptlabError(f"the draft run's context ({draft.model.cfg.block_size}) is shorter than the model's")
+        log.info("speculative decoding: draft %s (%.1fM params), %d tokens a round", self.draft,
+                 draft.model.num_params() / 1e6, self.speculative_tokens)
+        return Speculator(Generator(draft.model, draft.tokenizer, self.dtype, rows=min(self.max_batch, 8)),
+                          self.speculative_tokens)
 
     # --- request helpers -----------------------------------------------------------------------
     def authorize(self, request: HTTPRequest) -> None:
@@ -213,15 +232,23 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
                device: str = "cpu", model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                moderation_action: str = "redact", moderation_label: str | None = None,
                moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = (),
-               prefix_cache_mb: int = 1024) -> FastAPI:
+               prefix_cache_mb: int = 1024, draft=None, speculative_tokens: int = 4) -> FastAPI:
     """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
     run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable. `cors_origins`:
     web origins whose pages may call the API from a browser (none by default). `prefix_cache_mb`: memory for
-    reused prompt-prefix KV (0: off)."""
+    reused prompt-prefix KV (0: off). `draft`: a smaller run with the same tokenizer that drafts
+    `speculative_tokens` tokens a round for speculative decoding."""
     if max_batch < 1 or max_queue < 1:
         raise GptlabError("max_batch and max_queue must be ≥ 1")
+    if not 1 <= speculative_tokens <= 16:
+        raise GptlabError("speculative_tokens must be in 1..16")
+    if draft is not None:
+        from gptlab.run import read_run_config
+
+        read_run_config(draft)  # a wrong path is a one-line error now, not a failed background load
     srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
-                 moderation_action, moderation_label, moderation_threshold, prefix_cache_mb)
+                 moderation_action, moderation_label, moderation_threshold, prefix_cache_mb, draft,
+                 speculative_tokens)
 
     async def lifespan(app):
         threading.Thread(target=srv.load, name="gptlab-load", daemon=True).start()
@@ -237,7 +264,7 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
     app.add_middleware(StatusCounter, metrics=srv.metrics)
-    for add_routes in (_error_handlers, _info_routes, _generation_routes, add_token_routes):
+    for add_routes in (_error_handlers, _info_routes, _generation_routes, add_token_routes, add_embedding_routes):
         add_routes(app, srv)
     return app
 

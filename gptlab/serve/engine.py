@@ -37,6 +37,7 @@ from gptlab.serve.moderation import Moderator
 from gptlab.serve.prefix import PrefixCache
 from gptlab.serve.protocol import APIError, GenSpec
 from gptlab.serve.sampling import RowSampler, sample_rows
+from gptlab.serve.speculative import Speculator, accept_drafts, probs
 from gptlab.tokenizer import OmniTokenizer
 
 log = logging.getLogger("gptlab.serve")
@@ -98,8 +99,9 @@ class Row:
 
 class Engine:
     def __init__(self, generator: Generator, metrics: Metrics, max_batch: int = 32, max_queue: int = 64,
-                 moderator: Moderator | None = None, prefill_tokens: int = 4096, prefix: PrefixCache | None = None):
-        self.gen, self.metrics, self.moderator, self.prefix = generator, metrics, moderator, prefix
+                 moderator: Moderator | None = None, prefill_tokens: int = 4096, prefix: PrefixCache | None = None,
+                 spec: Speculator | None = None):
+        self.gen, self.metrics, self.moderator, self.prefix, self.spec = generator, metrics, moderator, prefix, spec
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.tok, self.eot, self.vocab = generator.tok, generator.tok.eot_id, generator.tok.vocab_size
         self.cv = threading.Condition()
@@ -167,7 +169,7 @@ class Engine:
                         if not req.finished:
                             req.finished = True
                             req.post(err)
-                    self.rows, self.cache, self.logits = [], None, None
+                    self._clear()
                 with self.cv:
                     self._publish_load()
 
@@ -228,20 +230,29 @@ class Engine:
                 q.prompt_logprobs = [self._prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs)
                                      for p in q.spec.prompts]
         self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
+        drafted = None
+        if self.spec is not None:  # the draft model's cache, slot for slot like the target's
+            full = torch.full((B, P), self.eot, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                full[i, P - len(p):] = torch.tensor(p)
+            drafted = self.spec.prefill(full, pad, P + room)
         expand = torch.tensor([unique[tuple(r.prompt)] for r in new_rows], device=self.gen.device)
         if B != len(new_rows):  # n > 1 or repeated prompts: copy the prefilled rows
-            cache.reorder(expand)
-            cache.batch = len(new_rows)
+            for c in (cache, drafted) if drafted is not None else (cache,):
+                c.reorder(expand.to(c.device))
+                c.batch = len(new_rows)
             logits = logits.index_select(0, expand)
+        if self.cache is not None:
+            self._compact(force=True)
         if self.cache is None:
             self.cache, self.logits, self.rows = cache, logits, new_rows
-            return
-        self._compact(force=True)
-        if self.cache is None:
-            self.cache, self.logits, self.rows = cache, logits, new_rows
+            if self.spec is not None:
+                self.spec.reset(drafted)
             return
         need = max(r.req.spec.params.max_new_tokens - r.generated for r in self.rows + new_rows)
         self.cache = KVCache.concat([self.cache, cache], need)
+        if self.spec is not None:
+            self.spec.merge(drafted, need)
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + new_rows
 
@@ -270,12 +281,19 @@ class Engine:
             return
         keep = [i for i, r in enumerate(self.rows) if r.alive]
         if not keep:
-            self.rows, self.cache, self.logits = [], None, None
+            self._clear()
             return
         idx = torch.tensor(keep, device=self.gen.device)
         self.cache.keep_rows(idx)
+        if self.spec is not None:
+            self.spec.keep_rows(idx)
         self.logits = self.logits.index_select(0, idx)
         self.rows = [self.rows[i] for i in keep]
+
+    def _clear(self) -> None:
+        self.rows, self.cache, self.logits = [], None, None
+        if self.spec is not None:
+            self.spec.reset(None)
 
     def _iterate(self) -> None:
         for r in self.rows:
@@ -288,26 +306,42 @@ class Engine:
         if not self.rows:
             return
         toks, info = sample_rows(self.logits, [r.sampler if r.alive else None for r in self.rows])
+        emitted = self._emit([(i, [t], [lp]) for i, (r, t, lp) in enumerate(zip(self.rows, toks, info)) if r.alive])
+        if not any(r.alive for r in self.rows):
+            self.metrics.add_step(emitted)
+            self._clear()
+            return
+        self._compact()
+        feed = torch.tensor([r.last for r in self.rows], device=self.gen.device)
+        if self.spec is None:
+            self.logits = self.gen._step(self.cache, feed)
+        else:
+            emitted += self._speculate(feed)
+        self.metrics.add_step(emitted)
+
+    def _emit(self, new: list[tuple[int, list[int], list]]) -> int:
+        """Hand rows' new tokens (row index, tokens, logprob infos) to their requests; a row stops at its first
+        finish. -> tokens emitted."""
         now = time.perf_counter()
         out: dict[int, tuple[Request, list[Delta]]] = {}
         emitted, finished = 0, []
-        for i, (r, t, lp) in enumerate(zip(self.rows, toks, info)):
-            if not r.alive:
-                continue
-            emitted += 1
-            d = self._advance(r, t, lp)
-            req = r.req
-            req.completion_tokens += 1
-            if req.first_token_at is None:
-                req.first_token_at = now
-                self.metrics.observe_ttft(now - req.arrival)
-            if d.text or d.finish_reason or d.logprobs or d.media:
-                out.setdefault(id(req), (req, []))[1].append(d)
-            if d.finish_reason:
-                r.alive = False
-                req.rows_left -= 1
-                finished.append(i)
-        self.metrics.add_step(emitted)
+        for i, tokens, lps in new:
+            r = self.rows[i]
+            for t, lp in zip(tokens, lps):
+                emitted += 1
+                d = self._advance(r, t, lp)
+                req = r.req
+                req.completion_tokens += 1
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                    self.metrics.observe_ttft(now - req.arrival)
+                if d.text or d.finish_reason or d.logprobs or d.media:
+                    out.setdefault(id(req), (req, []))[1].append(d)
+                if d.finish_reason:
+                    r.alive = False
+                    req.rows_left -= 1
+                    finished.append(i)
+                    break
         for i in finished if self.prefix is not None else ():  # the reply's KV too: a chat's next turn starts with it
             r = self.rows[i]
             self.prefix.insert(r.prompt + r.out[:-1], lambda a, b, i=i: self.cache.read_row(i, a, b))
@@ -317,12 +351,45 @@ class Engine:
             if req.rows_left == 0 and not req.finished:
                 req.finished = True
                 req.post(DONE)
-        if not any(r.alive for r in self.rows):
-            self.rows, self.cache, self.logits = [], None, None
-            return
-        self._compact()
-        feed = torch.tensor([r.last for r in self.rows], device=self.gen.device)
-        self.logits = self.gen._step(self.cache, feed)
+        return emitted
+
+    def _speculate(self, feed: torch.Tensor) -> int:
+        """One speculative round: the draft proposes k tokens per row, the target scores feed + drafts in one
+        forward pass, each row keeps its accepted prefix; -> drafted tokens emitted."""
+        k, V = self.spec.k, self.vocab
+        if self.cache.length + k + 1 > self.cache.max_len:  # rejected drafts leave holes: grow when full
+            room = max(r.req.spec.params.max_new_tokens - r.generated for r in self.rows) + k + 1
+            self.cache = KVCache.concat([self.cache], room)
+            self.spec.grow(room)
+        samplers = [r.sampler if r.alive and r.sampler.can_draft else None for r in self.rows]
+        drafts, q = self.spec.propose(feed, samplers)  # (B, k), (B, k, V) | None
+        start = self.cache.length
+        x = torch.cat([feed[:, None], drafts.to(self.gen.device)], 1)  # (B, k+1)
+        logits = self.gen.model.lm_head(self.gen.model.hidden(x, cache=self.cache)).float()[..., :V]  # (B, k+1, V)
+        kept, pick, accepted = [], [], []
+        for i, s in enumerate(samplers):
+            a = 0
+            if s is not None:
+                p = probs(logits[i], s.params)  # (k+1, V)
+                a, s.residual = accept_drafts(p, q[i] if q is not None else None, drafts[i].tolist(), s.gen,
+                                              s.params.temperature == 0)
+                self.spec.proposed += k
+                self.spec.accepted += a
+                if a:
+                    accepted.append((i, drafts[i, :a].tolist(), [None] * a))
+            kept.append(a + 1)
+            pick.append(a)
+        self.metrics.add_drafts(k * sum(s is not None for s in samplers), sum(pick))
+        if max(pick) == k:
+            self.spec.catch_up(drafts[:, -1])
+        kept_t = torch.tensor(kept)
+        self.cache.rewind(start, kept_t)
+        self.spec.cache.rewind(start, kept_t)
+        self.logits = logits[torch.arange(len(pick)), torch.tensor(pick)]  # (B, V): after each row's last kept token
+        for i, tokens, _ in accepted:
+            for t in tokens:
+                self.rows[i].sampler.observe(t)
+        return self._emit(accepted)
 
     def _advance(self, r: Row, t: int, lp) -> Delta:
         """Apply token t to row r: stop conditions, text delta, moderation."""

@@ -18,6 +18,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.running = self.waiting = self.batch_rows = self.peak_batch_rows = 0
         self.prompt_tokens = self.generation_tokens = self.cached_tokens = 0
+        self.draft_tokens = self.accepted_tokens = 0
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.cancelled = self.rejected = 0
         self.moderation: dict[tuple[str, str, str], int] = {}  # (stage, action, source) -> count
@@ -39,6 +40,11 @@ class Metrics:
     def add_cached_tokens(self, n: int) -> None:
         with self.lock:
             self.cached_tokens += n
+
+    def add_drafts(self, proposed: int, accepted: int) -> None:
+        with self.lock:
+            self.draft_tokens += proposed
+            self.accepted_tokens += accepted
 
     def add_step(self, tokens: int) -> None:
         now = time.monotonic()
@@ -100,6 +106,10 @@ class Metrics:
             metric("gptlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
             metric("gptlab_prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose KV came from the prefix "
                    "cache instead of a forward pass.", [("", self.cached_tokens)])
+            metric("gptlab_spec_decode_draft_tokens_total", "counter", "Tokens the draft model proposed.",
+                   [("", self.draft_tokens)])
+            metric("gptlab_spec_decode_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
+                   [("", self.accepted_tokens)])
             metric("gptlab_generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens)])
             metric("gptlab_decode_steps_total", "counter", "Batched decode steps.", [("", self.decode_steps)])
             metric("gptlab_generation_tokens_per_second", "gauge",

@@ -44,6 +44,7 @@ class RowSampler:
         if self.presence or self.frequency:
             self.counts = torch.zeros(self.vocab, device=dev)
         self.generated = 0
+        self.residual = None  # speculative decoding: after a rejected draft, the next token's distribution
         self.bias = None
         idx = [t for t in self.logit_bias if 0 <= t < self.vocab]  # ids past the vocabulary are ignored
         if idx:  # (an empty torch.tensor([]) is float, which index_add rejects)
@@ -54,6 +55,12 @@ class RowSampler:
     def adjusts(self) -> bool:
         return (self.seen is not None or self.counts is not None or self.bias is not None or self.spans is not None
                 or self.generated < self.params.min_tokens)
+
+    @property
+    def can_draft(self) -> bool:
+        """Speculative decoding needs the distribution of token j+1 without having sampled token j:
+        rows whose processing depends on their own output so far, or that report logprobs, take no drafts."""
+        return not self.adjusts and self.constraint is None and self.logprobs is None
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """(V,) -> (V,) with bias and penalties applied."""
@@ -110,6 +117,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampler | None]) -> tuple[li
         for j, i in enumerate(idx):
             if ok[j]:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].gen)[0]
+    for i in live:
+        if rows[i].residual is not None:  # a draft was rejected: draw from norm(max(0, p - q))
+            tokens[i] = torch.multinomial(rows[i].residual, 1, generator=rows[i].gen)[0]
+            rows[i].residual = None
     toks = tokens.tolist()
     info: list = [None] * len(rows)
     want = [i for i in live if rows[i].logprobs is not None]
