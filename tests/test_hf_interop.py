@@ -11,6 +11,7 @@ import inspect
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,49 @@ def test_bad_input_fails_with_one_line_errors(gpt2_hf, gpt2_run, tmp_path):
     with pytest.raises(GptlabError, match="local attention"):
         _cli("--to-hf", str(tmp_path / "local_run"), str(tmp_path / "hf_out"))
     assert not (tmp_path / "hf_out").exists() and not list(tmp_path.glob(".hf_out.*"))
+
+
+# ----------------------------------------------------------------------------------------- chat template
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def test_imported_chat_template_renders_like_transformers_and_serves(gpt2_hf, tmp_path):
+    """An HF model without gptlab's chat tokens keeps its chat_template through convert --from-hf (and back
+    out through --to-hf); gptlab serve chats with it, tokenizing prompts as apply_chat_template does."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from gptlab.chat.jinja import TEMPLATE_FILE, JinjaChat
+    from gptlab.serve.app import create_app
+
+    src = tmp_path / "hf"
+    shutil.copytree(gpt2_hf[1] / "st", src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": PLAIN_TEMPLATE}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    run = import_hf(src, tmp_path / "run")
+    assert (run / TEMPLATE_FILE).read_text() == PLAIN_TEMPLATE
+    tok = load_run(run).tokenizer
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, friend"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Weather?"}]
+    ref = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ref = list(ref["input_ids"]) if hasattr(ref, "keys") else list(ref)  # transformers 5: a BatchEncoding
+    chat = JinjaChat(PLAIN_TEMPLATE, tok)
+    assert chat.render_ids(msgs) == ref
+    # typed special-token text stays text (transformers would parse it as <|endoftext|>)
+    sneaky = [{"role": "user", "content": "a<|endoftext|>b"}]
+    assert chat.render_ids(sneaky).count(tok.eot_id) == 1
+    exported = export_hf(run, tmp_path / "back")
+    assert json.loads((exported / "tokenizer_config.json").read_text())["chat_template"] == PLAIN_TEMPLATE
+    with TestClient(create_app(run, model_name="m")) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        r = c.post("/tokenize", json={"messages": msgs})
+        assert r.json()["tokens"] == ref
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": msgs, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ref)
+    with pytest.raises(GptlabError, match="does not parse"):
+        create_app(run, chat_template="{% for %}")

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("fastapi")
 
 from gptlab.chat.template import ensure_chat_tokens, render_ids  # noqa: E402
-from gptlab.generate import Generator, SamplingParams  # noqa: E402
+from gptlab.generate import Generator  # noqa: E402
 from gptlab.model import GPT, GPTConfig  # noqa: E402
 from gptlab.serve.engine import Engine  # noqa: E402
 from gptlab.serve.metrics import Metrics, parse_metrics  # noqa: E402

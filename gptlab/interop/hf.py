@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.chat.jinja import TEMPLATE_FILE, read_hf_template
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab, load_run, write_run_config
@@ -265,9 +266,14 @@ def import_hf(hf_dir, out_run_dir, tokenizer: str | None = None) -> Path:
     load_state_into(model, sd, d / weights)  # names and shapes checked: one-line errors
     source = {"format": "huggingface", "model_type": mt, "path": str(d.resolve()), "weights": weights,
               "tokenizer": tok_src}
+    template = read_hf_template(d)  # the model's chat template: `gptlab serve` chats with it
+    if template is not None:
+        source["chat_template"] = TEMPLATE_FILE
     with _staged_dir(out) as tmp:
         write_run_config(tmp, cfg, tok, stage="import", source=source)
         save_model(model, tmp / MODEL_FILE)
+        if template is not None:
+            (tmp / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     return out
 
 
@@ -382,6 +388,9 @@ def export_hf(run_dir, out_dir) -> Path:
     cfg, tok = run.model.cfg, run.tokenizer
     mt = _check_exportable(cfg)
     files = _tokenizer_files(tok, cfg.block_size)  # refuses before anything is written
+    own = Path(run_dir) / TEMPLATE_FILE  # a template the run came with (an import) goes back out with it
+    if own.is_file():
+        files["tokenizer_config.json"]["chat_template"] = own.read_text(encoding="utf-8")
     eot = tok.eot_id
     files["config.json"] = _hf_config(cfg, mt, eot, run.model.wte.weight.dtype)
     files["generation_config.json"] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import os
 import threading
@@ -18,25 +17,25 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab import __version__
+from gptlab.chat.jinja import JinjaChat, read_hf_template
 from gptlab.chat.template import CHAT_TOKENS, content_text, render_ids
 from gptlab.errors import GptlabError
 from gptlab.generate.constrain import ll_tokenizer
 from gptlab.runtime import INFER_DTYPES, canonical_dtype
 from gptlab.serve.embeddings import add_embedding_routes
-from gptlab.serve.engine import DONE, Engine
+from gptlab.serve.engine import Engine
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.prefix import PrefixCache
 from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_messages, chat_render_options,
                                    check_fields, completion_prompts, error_body, parse_json, parse_request)
 from gptlab.serve.media import model_modalities, output_modalities
-from gptlab.serve.responses import Formatter
+from gptlab.serve.responses import Formatter, collect, sse
 from gptlab.serve.structured import parse_tools, request_grammar
 from gptlab.serve.tokens import add_token_routes
 
@@ -54,7 +53,7 @@ class Server:
 
     def __init__(self, run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name,
                  max_body_bytes, moderation_action, moderation_label, moderation_threshold, prefix_cache_mb=0,
-                 draft=None, speculative_tokens=4):
+                 draft=None, speculative_tokens=4, chat_template=None):
         self.run_dir = Path(run_dir)
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
@@ -64,6 +63,7 @@ class Server:
         self.device, self.moderation = device, moderation
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
         self.prefix_cache_mb, self.draft, self.speculative_tokens = prefix_cache_mb, draft, speculative_tokens
+        self.chat_template, self.jinja = chat_template, None  # a Jinja template given, or the run's own
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.moderator: Moderator | None = None
@@ -84,6 +84,10 @@ class Server:
             self.tok, self.ctx = run.tokenizer, run.model.cfg.block_size
             self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
             self.chat_stop_ids = tuple(self.tok.special_tokens[t] for t in CHAT_TOKENS) if self.chat_ok else ()
+            source = self.chat_template or (None if self.chat_ok else read_hf_template(self.run_dir))
+            if source is not None:  # an HF model's template: a reply ends at any special token (its end of turn)
+                self.jinja = JinjaChat(source, self.tok)
+                self.chat_ok, self.chat_stop_ids = True, tuple(sorted(self.tok.special_tokens.values()))
             gen = Generator(run.model, run.tokenizer, self.dtype, rows=min(self.max_batch, 8))
             try:  # the vocabulary's token trie for structured output, built now rather than in the first request
                 ll_tokenizer(self.tok)
@@ -172,6 +176,8 @@ class Server:
                                 "completions (use /v1/completions, or fine-tune it with the chat tokens)",
                            code="chat_not_supported")
         try:
+            if self.jinja is not None:
+                return self.jinja.render_ids(msgs, generation_prompt, continue_final, tools)
             return render_ids(self.tok, msgs, generation_prompt, continue_final, tools)[0]  # content is plain text
         except GptlabError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -232,23 +238,32 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
                device: str = "cpu", model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                moderation_action: str = "redact", moderation_label: str | None = None,
                moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = (),
-               prefix_cache_mb: int = 1024, draft=None, speculative_tokens: int = 4) -> FastAPI:
+               prefix_cache_mb: int = 1024, draft=None, speculative_tokens: int = 4,
+               chat_template: str | None = None) -> FastAPI:
     """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
     run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable. `cors_origins`:
     web origins whose pages may call the API from a browser (none by default). `prefix_cache_mb`: memory for
     reused prompt-prefix KV (0: off). `draft`: a smaller run with the same tokenizer that drafts
-    `speculative_tokens` tokens a round for speculative decoding."""
+    `speculative_tokens` tokens a round for speculative decoding. `chat_template`: a Jinja chat template (its
+    text, or a file holding it) used instead of gptlab's; by default a run without gptlab's chat tokens uses
+    the template it was imported with (chat_template.jinja), if any."""
     if max_batch < 1 or max_queue < 1:
         raise GptlabError("max_batch and max_queue must be ≥ 1")
     if not 1 <= speculative_tokens <= 16:
         raise GptlabError("speculative_tokens must be in 1..16")
+    if chat_template is not None and "{" not in chat_template:  # a path, as vLLM's --chat-template takes
+        if not Path(chat_template).is_file():
+            raise GptlabError(f"chat template file not found: {chat_template}")
+        chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if chat_template is not None:
+        JinjaChat(chat_template, None)  # a template that does not parse is a one-line error now
     if draft is not None:
         from gptlab.run import read_run_config
 
         read_run_config(draft)  # a wrong path is a one-line error now, not a failed background load
     srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
                  moderation_action, moderation_label, moderation_threshold, prefix_cache_mb, draft,
-                 speculative_tokens)
+                 speculative_tokens, chat_template)
 
     async def lifespan(app):
         threading.Thread(target=srv.load, name="gptlab-load", daemon=True).start()
@@ -371,55 +386,9 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
     req = srv.engine.submit(spec, asyncio.get_running_loop())
     fmt = Formatter(req, srv.tok, srv.model_name)
     if spec.stream:
-        return CancellingStream(_sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
+        return CancellingStream(sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        return await _collect(req, fmt, request)
+        return await collect(req, fmt, request)
     finally:
         srv.engine.cancel(req)  # no-op once finished
-
-
-async def _collect(req, fmt: Formatter, request: HTTPRequest):
-    """A non-streamed response: the deltas gathered until done; a client that went away ends it (499)."""
-    checked = time.monotonic()
-    while True:
-        item = None
-        try:
-            item = await asyncio.wait_for(req.queue.get(), 0.25)
-        except asyncio.TimeoutError:
-            pass
-        if time.monotonic() - checked >= 0.25:  # deltas may arrive faster than that: check by time
-            checked = time.monotonic()
-            if await request.is_disconnected():
-                return PlainTextResponse("", status_code=499)
-        if item is None:
-            continue
-        if item is DONE:
-            return fmt.response()
-        if isinstance(item, APIError):
-            raise item
-        for d in item:
-            fmt.add(d)
-
-
-async def _sse(req, fmt: Formatter):
-    """Server-sent events: opening chunks, one chunk per delta, the usage chunk if asked, [DONE]."""
-    wait = req.spec.echo and req.spec.logprobs is not None  # the echoed prompt's logprobs come with the prefill
-    for c in [] if wait else fmt.opening():
-        yield c
-    while True:
-        item = await req.queue.get()
-        if wait:
-            wait = False
-            for c in fmt.opening():
-                yield c
-        if item is DONE:
-            break
-        if isinstance(item, APIError):
-            yield f"data: {json.dumps(item.body())}\n\n"
-            break
-        for d in item:
-            yield fmt.chunk(d)
-    if req.spec.include_usage:
-        yield fmt.usage_chunk()
-    yield "data: [DONE]\n\n"

@@ -15,7 +15,8 @@ def cmd_serve(a) -> None:
           max_batch=a.max_batch, max_queue=a.max_queue, moderation=mod, dtype=a.dtype, device=a.device,
           model_name=a.model_name, moderation_action=a.moderation_action, moderation_label=a.moderation_label,
           moderation_threshold=a.moderation_threshold, cors_origins=tuple(a.cors_origin or ()),
-          prefix_cache_mb=a.prefix_cache_mb, draft=a.draft, speculative_tokens=a.speculative_tokens)
+          prefix_cache_mb=a.prefix_cache_mb, draft=a.draft, speculative_tokens=a.speculative_tokens,
+          chat_template=a.chat_template)
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -45,6 +46,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=1024,
                    help="memory for the KV of prompt prefixes seen before (shared system prompts, earlier chat "
                         "turns), reused instead of prefilled again; 0: off [default: 1024]")
+    p.add_argument("--chat-template", metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (Hugging Face's chat_template), as a file or its text, instead of "
+                        "gptlab's; a run imported from Hugging Face uses the template it came with by default")
     p.add_argument("--draft", metavar="RUN_DIR",
                    help="speculative decoding: a smaller run with the same tokenizer drafts tokens that the model "
                         "verifies in one pass (greedy output unchanged, sampling distributed as without)")

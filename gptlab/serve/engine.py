@@ -16,7 +16,6 @@ are masked out and every row samples from its own torch.Generator.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import secrets
 import threading
@@ -36,7 +35,7 @@ from gptlab.serve.metrics import Metrics
 from gptlab.serve.moderation import Moderator
 from gptlab.serve.prefix import PrefixCache
 from gptlab.serve.protocol import APIError, GenSpec
-from gptlab.serve.sampling import RowSampler, sample_rows
+from gptlab.serve.sampling import RowSampler, prompt_logprobs, sample_rows
 from gptlab.serve.speculative import Speculator, accept_drafts, probs
 from gptlab.tokenizer import OmniTokenizer
 
@@ -227,7 +226,8 @@ class Engine:
         self.metrics.add_cached_tokens(sum(c for c, _ in hits))
         for q in reqs:  # lm-eval's scoring call: the prompt's own logprobs, from the same forward pass
             if q.spec.echo and q.spec.logprobs is not None:
-                q.prompt_logprobs = [self._prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs)
+                q.prompt_logprobs = [prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs, self.tok,
+                                                     self.gen._logits)
                                      for p in q.spec.prompts]
         self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
         drafted = None
@@ -255,24 +255,6 @@ class Engine:
             self.spec.merge(drafted, need)
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + new_rows
-
-    def _prompt_logprobs(self, h: torch.Tensor, prompt: list[int], k: int, chunk: int = 256) -> list:
-        """h (L, C) hidden states of a prompt -> per token (id, logprob, [(id, logprob)] top-k, text offset);
-        the first token has no logprob (None), as in OpenAI's and vLLM's echo."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        offsets, text = [], 0
-        for t in prompt:
-            offsets.append(text)
-            text += len(decoder.decode(self.tok.decode_bytes([t])))
-        out = [(prompt[0], None, None, 0)]
-        ids = torch.tensor(prompt[1:], device=h.device)
-        for a in range(0, len(prompt) - 1, chunk):  # (chunk, V) at a time: a long prompt x a large vocabulary
-            lp = torch.log_softmax(self.gen._logits(h[a:a + chunk, None]), dim=-1)
-            got = lp.gather(1, ids[a:a + chunk, None])[:, 0].tolist()
-            top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-            for j, v in enumerate(got):
-                out.append((prompt[a + j + 1], v, list(zip(top_i[j].tolist(), top_v[j].tolist())), offsets[a + j + 1]))
-        return out
 
     def _compact(self, force: bool = False) -> None:
         """Drop dead rows from the cache: always when forced, else once a quarter of the rows are dead."""

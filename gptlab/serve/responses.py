@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import numpy as np
+from fastapi.responses import PlainTextResponse
 
 from gptlab.chat.tools import CallStream, parse_calls
-from gptlab.serve.engine import Delta, Request
+from gptlab.serve.engine import DONE, Delta, Request
+from gptlab.serve.protocol import APIError
 from gptlab.serve.media import audio_bytes, audio_message, b64, image_part
 
 
@@ -159,3 +162,49 @@ class Formatter:
 
     def usage_chunk(self) -> str:
         return self._chunk([], usage(self.req))
+
+
+async def collect(req, fmt: Formatter, request):
+    """A non-streamed response: the deltas gathered until done; a client that went away ends it (499)."""
+    checked = time.monotonic()
+    while True:
+        item = None
+        try:
+            item = await asyncio.wait_for(req.queue.get(), 0.25)
+        except asyncio.TimeoutError:
+            pass
+        if time.monotonic() - checked >= 0.25:  # deltas may arrive faster than that: check by time
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                return PlainTextResponse("", status_code=499)
+        if item is None:
+            continue
+        if item is DONE:
+            return fmt.response()
+        if isinstance(item, APIError):
+            raise item
+        for d in item:
+            fmt.add(d)
+
+
+async def sse(req, fmt: Formatter):
+    """Server-sent events: opening chunks, one chunk per delta, the usage chunk if asked, [DONE]."""
+    wait = req.spec.echo and req.spec.logprobs is not None  # the echoed prompt's logprobs come with the prefill
+    for c in [] if wait else fmt.opening():
+        yield c
+    while True:
+        item = await req.queue.get()
+        if wait:
+            wait = False
+            for c in fmt.opening():
+                yield c
+        if item is DONE:
+            break
+        if isinstance(item, APIError):
+            yield f"data: {json.dumps(item.body())}\n\n"
+            break
+        for d in item:
+            yield fmt.chunk(d)
+    if req.spec.include_usage:
+        yield fmt.usage_chunk()
+    yield "data: [DONE]\n\n"

@@ -8,6 +8,7 @@ from its own torch.Generator, so a row's tokens do not depend on which other req
 
 from __future__ import annotations
 
+import codecs
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -134,3 +135,22 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampler | None]) -> tuple[li
     for i in live:
         rows[i].observe(toks[i])
     return toks, info
+
+
+def prompt_logprobs(h: torch.Tensor, prompt: list[int], k: int, tok, logits_fn, chunk: int = 256) -> list:
+    """h (L, C) hidden states of a prompt -> per token (id, logprob, [(id, logprob)] top-k, text offset);
+    the first token has no logprob (None), as in OpenAI's and vLLM's echo. logits_fn: (N, 1, C) -> (N, V)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, text = [], 0
+    for t in prompt:
+        offsets.append(text)
+        text += len(decoder.decode(tok.decode_bytes([t])))
+    out = [(prompt[0], None, None, 0)]
+    ids = torch.tensor(prompt[1:], device=h.device)
+    for a in range(0, len(prompt) - 1, chunk):  # (chunk, V) at a time: a long prompt x a large vocabulary
+        lp = torch.log_softmax(logits_fn(h[a:a + chunk, None]), dim=-1)
+        got = lp.gather(1, ids[a:a + chunk, None])[:, 0].tolist()
+        top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        for j, v in enumerate(got):
+            out.append((prompt[a + j + 1], v, list(zip(top_i[j].tolist(), top_v[j].tolist())), offsets[a + j + 1]))
+    return out
