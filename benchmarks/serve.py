@@ -174,9 +174,12 @@ def structured(run: Path, a) -> None:
     print(f"json_schema: {free / js:.3f}x the time per token of free text ({100 * (free / js - 1):+.1f}%; target <= +15%)")
 
 
-async def chat_turn(h: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+async def chat_turn(h: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
+                    gaps: list | None = None) -> tuple[float, str]:
+    """A streamed greedy chat turn -> (time to first token, text); `gaps` collects, per token, the logprob
+    margin of the chosen token over the runner-up (where float rounding could flip a greedy choice)."""
     body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, **({"logprobs": True, "top_logprobs": 2} if gaps is not None else {})}
     t0, ttft, text = time.perf_counter(), None, ""
     async with h.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -187,6 +190,9 @@ async def chat_turn(h: httpx.AsyncClient, url: str, messages: list[dict], max_to
                 if ch["choices"] and ch["choices"][0]["delta"].get("content"):
                     ttft = ttft or time.perf_counter() - t0
                     text += ch["choices"][0]["delta"]["content"]
+                for e in (ch["choices"][0].get("logprobs") or {}).get("content") or [] if ch["choices"] else []:
+                    top = e["top_logprobs"]
+                    gaps.append((e["token"], top[0]["logprob"] - top[1]["logprob"] if len(top) > 1 else float("inf")))
     return ttft, text
 
 
@@ -197,14 +203,15 @@ def prefix(run: Path, a) -> None:
     for label, mb in (("off", "0"), ("on", "1024")):
         with server(run, "--prefix-cache-mb", mb, "--max-batch", "16", threads=a.threads) as url:
             async def conversations():
-                fifth, replies = [], []
+                fifth, replies, gaps = [], [], []
                 async with httpx.AsyncClient(timeout=600) as h:
                     await chat_turn(h, url, [{"role": "user", "content": "warm up"}], 2)
                     for c in range(3):
                         msgs = [{"role": "system", "content": system}]
                         for k, q in enumerate(questions):
                             msgs.append({"role": "user", "content": f"{q} ({c})"})
-                            ttft, text = await chat_turn(h, url, msgs, 24)
+                            gaps.append([])
+                            ttft, text = await chat_turn(h, url, msgs, 24, gaps[-1])
                             msgs.append({"role": "assistant", "content": text})
                             replies.append(text)
                         fifth.append(ttft)
@@ -213,11 +220,11 @@ def prefix(run: Path, a) -> None:
                                                                         {"role": "user", "content": f"Question {i}"}], 32)
                                                     for i in range(16)))
                     wall = time.perf_counter() - t0
-                return fifth, replies, shared, wall
+                return fifth, replies, shared, wall, gaps
 
-            fifth, replies, shared, wall = asyncio.run(conversations())
+            fifth, replies, shared, wall, gaps = asyncio.run(conversations())
             m = parse_metrics(httpx.get(url + "/metrics").text)
-        out[label] = dict(fifth=percentile(fifth, 50), replies=replies, wall=wall,
+        out[label] = dict(fifth=percentile(fifth, 50), replies=replies, wall=wall, gaps=gaps,
                           ttft16=percentile([t for t, _ in shared], 50), hit=m["gptlab_prefix_cache_hit_tokens_total"],
                           tok_s=16 * 32 / wall)
     print("\n## prefix cache: 5-turn chats behind a ~500-token system prompt (24 tokens a reply), then 16 clients "
@@ -229,9 +236,11 @@ def prefix(run: Path, a) -> None:
     print(f"5th-turn TTFT {out['off']['fifth'] / out['on']['fifth']:.1f}x faster with the cache (target >= 3x); "
           f"16 clients {out['on']['tok_s'] / out['off']['tok_s']:.2f}x the tok/s; greedy replies identical: "
           f"{same} of {len(out['on']['replies'])}")
-    for x, y in zip(out["on"]["replies"], out["off"]["replies"]):
-        if x != y:
-            print(f"  first difference: {x!r} vs {y!r}")
+    for a_, b_ in zip(out["on"]["gaps"], out["off"]["gaps"]):  # where the first different reply departs
+        k = next((i for i, (x, y) in enumerate(zip(a_, b_)) if x[0] != y[0]), None)
+        if k is not None:
+            print(f"  first difference at token {k} of a reply: the greedy choice's margin over the runner-up was "
+                  f"{b_[k][1]:.2e} nats without the cache, {a_[k][1]:.2e} with it")
             break
 
 
@@ -264,10 +273,17 @@ def speculative(tmp: Path, a) -> None:
     sizes = [load_run(tmp / n, "cpu").model.num_params() for n in ("target", "draft")]
     val = text[int(len(text) * 0.9):]
     prompts = [val[i:i + 48] for i in range(0, 48 * 97 * 8, 48 * 97)]
+    print(f"target {sizes[0] / 1e6:.1f}M params, draft {sizes[1] / 1e6:.2f}M ({sizes[0] / sizes[1]:.0f}x smaller); "
+          f"{len(prompts)} prompts x {a.spec_tokens} greedy tokens, batch 1, k = {a.speculative_tokens}")
+    for dtype in a.spec_dtypes:
+        spec_pair(tmp, a, prompts, dtype)
+
+
+def spec_pair(tmp: Path, a, prompts: list[str], dtype: str) -> None:
     out = {}
     for label, extra in (("plain", []), ("draft", ["--draft", str(tmp / "draft"), "--speculative-tokens",
                                                      str(a.speculative_tokens)])):
-        with server(tmp / "target", *extra, threads=a.threads) as url:
+        with server(tmp / "target", "--dtype", dtype, *extra, threads=a.threads) as url:
             body = lambda p, n: {"model": "bench", "prompt": p, "max_tokens": n, "temperature": 0,  # noqa: E731
                                  "ignore_eos": True}
             httpx.post(url + "/v1/completions", json=body(prompts[0], 8), timeout=600)  # warm-up
@@ -279,12 +295,11 @@ def speculative(tmp: Path, a) -> None:
             m = parse_metrics(httpx.get(url + "/metrics").text)
         acc = m["gptlab_spec_decode_accepted_tokens_total"] / max(1, m["gptlab_spec_decode_draft_tokens_total"])
         out[label] = dict(tok_s=len(prompts) * a.spec_tokens / wall, texts=texts, acc=acc)
-    print(f"target {sizes[0] / 1e6:.1f}M params, draft {sizes[1] / 1e6:.2f}M ({sizes[0] / sizes[1]:.0f}x smaller); "
-          f"{len(prompts)} prompts x {a.spec_tokens} greedy tokens, batch 1, k = {a.speculative_tokens}")
     for label, r in out.items():
-        print(f"{label:>6}: {r['tok_s']:7.1f} tok/s" + (f", acceptance {100 * r['acc']:.1f}%" if label == "draft" else ""))
-    print(f"speculative decoding {out['draft']['tok_s'] / out['plain']['tok_s']:.2f}x the batch-1 tok/s (target "
-          f">= 1.5x); greedy output identical: {out['draft']['texts'] == out['plain']['texts']}")
+        print(f"{dtype:>8} {label:>6}: {r['tok_s']:7.1f} tok/s" + (f", acceptance {100 * r['acc']:.1f}%" if label == "draft" else ""))
+    same = sum(x == y for x, y in zip(out["draft"]["texts"], out["plain"]["texts"]))
+    print(f"{dtype}: speculative decoding {out['draft']['tok_s'] / out['plain']['tok_s']:.2f}x the batch-1 tok/s "
+          f"(target >= 1.5x); greedy outputs identical: {same} of {len(prompts)}")
 
 
 def main() -> None:
@@ -299,9 +314,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="server compute dtype (fp32 | bf16) [default: fp32]")
     ap.add_argument("--threads", type=int, default=None, help="server OMP_NUM_THREADS [default: all cores]")
     ap.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"))
-    ap.add_argument("--target", type=int, nargs=4, default=[12, 768, 150, 8], metavar=("LAYERS", "EMBD", "ITERS", "BATCH"))
-    ap.add_argument("--draft", type=int, nargs=4, default=[2, 128, 1500, 16], metavar=("LAYERS", "EMBD", "ITERS", "BATCH"))
+    ap.add_argument("--target", type=int, nargs=4, default=[12, 768, 200, 8], metavar=("LAYERS", "EMBD", "ITERS", "BATCH"))
+    ap.add_argument("--draft", type=int, nargs=4, default=[2, 128, 800, 16], metavar=("LAYERS", "EMBD", "ITERS", "BATCH"))
     ap.add_argument("--speculative-tokens", type=int, default=4)
+    ap.add_argument("--spec-dtypes", nargs="+", default=["float32", "bfloat16"],
+                    help="the target's dtype, one plain/draft pair each (the draft picks its own)")
     ap.add_argument("--spec-tokens", type=int, default=128, help="greedy tokens per speculative-phase request")
     a = ap.parse_args()
     from gptlab.runtime import describe_cpu

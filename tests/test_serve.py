@@ -231,7 +231,10 @@ def test_errors_and_auth(server):
     assert server.post("/v1/completions", ok, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
     from gptlab import __version__
     assert httpx.get(server.url + "/version").json() == {"version": __version__}
-    assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json").json()["paths"]
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]  # request bodies documented for /docs
+    body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"messages", "tools", "response_format", "guided_json"} <= set(body["properties"])
+    assert "input" in paths["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     # unknown fields are ignored (and logged); the server still answers normal requests
     r = server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2, "frobnicate": 1}))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2

@@ -36,6 +36,7 @@ from gptlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, cha
                                    check_fields, completion_prompts, error_body, parse_json, parse_request)
 from gptlab.serve.media import model_modalities, output_modalities
 from gptlab.serve.responses import Formatter, collect, sse
+from gptlab.serve.schemas import ChatCompletionRequest, CompletionRequest, body_doc
 from gptlab.serve.structured import parse_tools, request_grammar
 from gptlab.serve.tokens import add_token_routes
 
@@ -117,8 +118,8 @@ class Server:
             raise GptlabError(f"the draft run's context ({draft.model.cfg.block_size}) is shorter than the model's")
         log.info("speculative decoding: draft %s (%.1fM params), %d tokens a round", self.draft,
                  draft.model.num_params() / 1e6, self.speculative_tokens)
-        return Speculator(Generator(draft.model, draft.tokenizer, self.dtype, rows=min(self.max_batch, 8)),
-                          self.speculative_tokens)
+        # the draft's own fastest dtype for one-row steps (its shapes are not the model's)
+        return Speculator(Generator(draft.model, draft.tokenizer, "auto", rows=1), self.speculative_tokens)
 
     # --- request helpers -----------------------------------------------------------------------
     def authorize(self, request: HTTPRequest) -> None:
@@ -339,11 +340,11 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
 
 
 def _generation_routes(app: FastAPI, srv: Server) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
     async def completions(request: HTTPRequest):
         return await _generate(srv, request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
     async def chat_completions(request: HTTPRequest):
         return await _generate(srv, request, "chat")
 

@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI, Request as HTTPRequest
 
 from gptlab.serve.protocol import APIError, _text, check_fields
+from gptlab.serve.schemas import EmbeddingRequest, body_doc
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 MAX_INPUTS = 2048  # as OpenAI
@@ -61,7 +62,7 @@ def embed(model, inputs: list[list[int]], device) -> np.ndarray:
 def add_embedding_routes(app: FastAPI, srv) -> None:
     lock = asyncio.Lock()  # one embedding batch at a time beside the engine: two would only share the cores
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=body_doc(EmbeddingRequest))
     async def embeddings(request: HTTPRequest):
         srv.authorize(request)
         srv.ready()

@@ -229,7 +229,7 @@ class Engine:
                 q.prompt_logprobs = [prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs, self.tok,
                                                      self.gen._logits)
                                      for p in q.spec.prompts]
-        self.metrics.add_prompt_tokens(sum(len(p) for p in prompts))
+        self.metrics.add_prompt_tokens(sum(len(p) - c for p, (c, _) in zip(prompts, hits)))
         drafted = None
         if self.spec is not None:  # the draft model's cache, slot for slot like the target's
             full = torch.full((B, P), self.eot, dtype=torch.long)

@@ -103,7 +103,7 @@ class Metrics:
             metric("gptlab_requests_waiting", "gauge", "Requests queued for admission.", [("", self.waiting)])
             metric("gptlab_batch_rows", "gauge", "Rows (choices) in the decode batch.", [("", self.batch_rows)])
             metric("gptlab_batch_rows_peak", "gauge", "Largest decode batch so far.", [("", self.peak_batch_rows)])
-            metric("gptlab_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+            metric("gptlab_prompt_tokens_total", "counter", "Prompt tokens prefilled (not those from the prefix cache).", [("", self.prompt_tokens)])
             metric("gptlab_prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose KV came from the prefix "
                    "cache instead of a forward pass.", [("", self.cached_tokens)])
             metric("gptlab_spec_decode_draft_tokens_total", "counter", "Tokens the draft model proposed.",
