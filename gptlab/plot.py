@@ -32,13 +32,22 @@ class Panel:
     hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, label): reference levels (chance, ...)
 
 
+_told = False
+
+
 def plot(png: Path, panels: list[Panel], title: str = "") -> Path | None:
     """Draw the panels side by side into `png`; None (and no file) when no panel has data."""
     panels = [p for p in panels if any(line.x for line in p.lines)]
     if not panels:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra: metrics.jsonl holds the numbers either way
+        global _told
+        if not _told:
+            print(f"(no plots: `pip install gptlab[plots]` draws {png.name} and the others)")
+            _told = True
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

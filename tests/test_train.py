@@ -258,3 +258,72 @@ def test_an_optimizer_step_invalidates_the_generators_packed_weights():
     with torch.no_grad():
         want = model(x)[0][0, -1].argmax().item()  # the plain forward with the new weights
     assert after[0] == want and after != before
+
+
+def _leveldb_log_records(buf: bytes, block: int = 32768):
+    """Records of a W&B transaction log: a 7-byte ':W&B' header, then LevelDB's log format (32 KiB blocks,
+    7-byte record headers: crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)."""
+    assert buf[:4] == b":W&B"
+    pos, part = 7, b""
+    while pos + 7 <= len(buf):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        n, kind = int.from_bytes(buf[pos + 4:pos + 6], "little"), buf[pos + 6]
+        if n == 0 and kind == 0:
+            break
+        data, pos = buf[pos + 7:pos + 7 + n], pos + 7 + n
+        part = data if kind in (1, 2) else part + data
+        if kind in (1, 4):
+            yield part
+
+
+def test_trackers_mirror_metrics_jsonl_offline_and_resume_one_run(char_data, tmp_path, monkeypatch):
+    """--train.log_to tensorboard,wandb,trackio: W&B offline and trackio's local database get the values
+    metrics.jsonl holds, and a resumed run continues the same tracker runs."""
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
+    pytest.importorskip("wandb")
+    pytest.importorskip("trackio")
+    monkeypatch.setenv("GPTLAB_PROJECT", "gptlab-test")
+    out = tmp_path / "run"
+    _train(char_data, out, 6, log_to="tensorboard,wandb,trackio", checkpoint_interval=3)
+    _train(char_data, out, 10, resume=True, log_to="wandb,trackio")
+    want = {s: loss for s, loss in _losses(out)}
+    assert sorted(want) == list(range(1, 11))
+    ids = json.loads((out / "trackers.json").read_text())
+    # W&B: the history records of the offline run files (protobuf Records in LevelDB's log format)
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(out.glob(f"wandb/offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
+    assert len(files) == 2  # two processes, one W&B run id
+    got = {}
+    for f in files:
+        for rec in _leveldb_log_records(f.read_bytes()):
+            pb = wandb_internal_pb2.Record()
+            pb.ParseFromString(rec)
+            if pb.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in pb.history.item}
+                if "loss" in items:
+                    got[items["_step"]] = items["loss"]
+    assert got == pytest.approx(want)
+    # trackio: its local SQLite database
+    import sqlite3
+
+    db = next((tmp_path / "trackio").glob("gptlab-test*.db"))
+    rows = sqlite3.connect(db).execute("SELECT step, metrics FROM metrics WHERE run_name = ?", (ids["trackio"],))
+    seen = {s: json.loads(m)["loss"] for s, m in rows if "loss" in json.loads(m)}
+    assert seen == pytest.approx(want)
+    assert any((out / "tensorboard").iterdir())
+    with pytest.raises(GptlabError, match="unknown logger 'mlflow'"):
+        TrainConfig(log_to="wandb,mlflow")
+
+
+def test_training_without_matplotlib_skips_only_the_pictures(char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr("gptlab.plot._told", False)
+    _train(char_data, tmp_path / "r", 3)
+    assert [s for s, _ in _losses(tmp_path / "r")] == [1, 2, 3]
+    assert not (tmp_path / "r" / "loss.png").exists() and "gptlab[plots]" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import torch
 from gptlab.config import check_ranges, coerce, field
 from gptlab.errors import GptlabError
 from gptlab.runtime import TRAIN_DTYPES, canonical_dtype
+from gptlab.train.loggers import parse_log_to
 
 
 @dataclass
@@ -54,12 +55,14 @@ class TrainConfig:
     checkpoint_interval: int = field(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = field(2, "checkpoints to keep")
     peak_flops: float = field(0.0, "declared peak FLOP/s per device for MFU (0 = measure a matmul)")
-    tensorboard: bool = field(False, "also log to TensorBoard (needs `pip install gptlab[tensorboard]`)")
+    log_to: str = field("", "also log to: tensorboard, wandb, trackio (comma-separated; metrics.jsonl is always written)")
+    tensorboard: bool = field(False, "also log to TensorBoard (the same as --train.log_to tensorboard)")
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype, TRAIN_DTYPES, "train.dtype")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise GptlabError(f"schedule must be cosine|linear|constant, got {self.schedule!r}")
+        parse_log_to(self.log_to)  # an unknown logger is an error now, not after data loading
         if self.distributed not in ("ddp", "fsdp"):
             raise GptlabError(f"distributed must be ddp|fsdp, got {self.distributed!r}")
         check_ranges(self, "train", (

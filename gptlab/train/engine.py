@@ -10,6 +10,7 @@ resumed run continues bit-exactly on CPU and N processes see the same data as on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -25,6 +26,7 @@ from gptlab.train import distributed as D
 from gptlab.run.format import load_state_into, tied_names
 from gptlab.train.checkpoint import CheckpointManager
 from gptlab.train.config import TrainConfig
+from gptlab.train.loggers import parse_log_to
 from gptlab.train.metrics import MetricsLogger, plot_loss, read_metrics
 from gptlab.train.optim import accum_at, lr_at, make_optimizer
 
@@ -87,7 +89,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.info.rank)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.metrics = MetricsLogger(self.run_dir, self.step if resume else None, cfg.tensorboard, self.info.is_main)
+        tracked = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg) if hasattr(model, "cfg") else {}}
+        self.metrics = MetricsLogger(self.run_dir, self.step if resume else None, parse_log_to(cfg.log_to, cfg.tensorboard),
+                                     self.info.is_main, config=tracked)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _resume(self) -> None:

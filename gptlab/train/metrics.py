@@ -1,4 +1,4 @@
-"""Logging for machines (metrics.jsonl, TensorBoard) and people (loss-curve PNG)."""
+"""Logging for machines (metrics.jsonl; TensorBoard, W&B, trackio mirror it) and people (loss-curve PNG)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write
 from gptlab.plot import Line, Panel, plot
+from gptlab.train.loggers import open_sinks
 from gptlab.run.format import METRICS_FILE, parse_metrics, read_metrics  # noqa: F401  (read_metrics: re-exported)
 
 
@@ -16,10 +17,11 @@ class MetricsLogger:
     """Appends one JSON object per event to metrics.jsonl. On resume, events after the resumed step are
     dropped first so the file describes exactly one trajectory."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False, enabled: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, sinks: tuple[str, ...] = (), enabled: bool = True,
+                 config: dict | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
-        self.tb = None
+        self.sinks: list = []
         if not enabled:
             return
         if resume_step is None:
@@ -32,12 +34,7 @@ class MetricsLogger:
                 # events after the checkpoint, or a line cut short by a kill: rewritten atomically, so a
                 # kill during the rewrite leaves the old file whole
                 atomic_write(self.path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in keep)))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise GptlabError("TensorBoard logging needs `pip install gptlab[tensorboard]`") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.sinks = open_sinks(sinks, Path(run_dir), config or {})  # gptlab.train.loggers
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
@@ -49,14 +46,13 @@ class MetricsLogger:
         except OSError as e:
             raise GptlabError(f"cannot write {self.path}: {e.strerror or e} (its earlier lines and the last "
                               "checkpoint are intact)") from None
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, values)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
