@@ -338,3 +338,67 @@ def test_shakespeare_recipe() -> None:
     docs = list(iter_documents("shakespeare"))
     assert len(docs) == 42 and sum(map(len, docs)) > 4_000_000
     assert any("Prospero" in d or "PROSPERO" in d for d in docs)
+
+
+# ---------------------------------------------------------------- streaming
+
+def test_large_text_in_pieces_tokenizes_as_the_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text file read in pieces (here 2 KB) and tokenized by two workers gives exactly the tokens of the
+    whole file encoded at once with GPT-2's BPE, whitespace runs, non-ASCII and contractions included."""
+    import random
+
+    from gptlab.tokenizer import gpt2_tokenizer
+
+    rng = random.Random(0)
+    words = ["the", "of", "Über", "naïve", "日本", "123", "it's", "don't", "  ", "\t", "\u00a0", "x"]
+    ends = [".", "!", "", "  ", "\n", " \n", "\u00a0"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(ends)
+                     for _ in range(3000))
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr("gptlab.data.sources.PIECE_BYTES", 2048)
+    monkeypatch.setattr(prepare_mod, "_INPROCESS_CHARS", 0)
+    monkeypatch.setattr(prepare_mod, "_MAX_BATCH_CHARS", 8192)
+    s = prepare(tmp_path / "big.txt", tmp_path / "out", tokenizer="gpt2", num_workers=2, shard_tokens=5000,
+                progress=False)
+    tok = gpt2_tokenizer()
+    whole = tok.encode(text) + [tok.eot_id]
+    assert s["split"] == "stream" and s["n_tokens"] == len(whole) and s["n_chars"] == len(text)
+    assert np.concatenate([_stream(tmp_path / "out", "train"), _stream(tmp_path / "out", "val")]).tolist() == whole
+    assert len(list((tmp_path / "out").glob("train_*.bin"))) > 1
+    assert not list((tmp_path / "out").glob("*.tmp")) and not (tmp_path / "out" / prepare_mod.SPOOL_FILE).exists()
+
+
+def test_prepare_memory_stays_bounded(tmp_path: Path) -> None:
+    """~200 MB of JSONL documents: neither the process nor a pool worker grows by more than 100 MB over what
+    its imports take (holding the corpus would be 200 MB of text, plus its tokens)."""
+    import subprocess
+
+    line = json.dumps({"text": ("All the world's a stage, and all the men and women merely players. " * 30)}) + "\n"
+    n = 200_000_000 // len(line)
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(line)
+    code = ("import resource; from gptlab.data import prepare; from gptlab.tokenizer import load_tokenizer; "
+            "r = lambda who: resource.getrusage(who).ru_maxrss; base = r(resource.RUSAGE_SELF); "
+            f"prepare({str(tmp_path / 'c.jsonl')!r}, {str(tmp_path / 'out')!r}, tokenizer='char', num_workers=2, "
+            "progress=False); print(base, r(resource.RUSAGE_SELF), r(resource.RUSAGE_CHILDREN))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, peak, workers = (int(x) for x in out.stdout.split()[-3:])  # KiB
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["n_documents"] == n
+    assert peak - base < 100_000 and workers - base < 100_000, (base, peak, workers)
+
+
+def test_hf_datasets_stream_into_the_same_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "ds").mkdir()
+    with open(tmp_path / "ds" / "train.jsonl", "w") as f:
+        for d in DOCS:
+            f.write(json.dumps({"text": d}) + "\n")
+    a = prepare(f"hf:{tmp_path / 'ds'}", tmp_path / "a", tokenizer="char", progress=False)
+    b = prepare(tmp_path / "ds" / "train.jsonl", tmp_path / "b", tokenizer="char", progress=False)
+    assert a["n_documents"] == len(DOCS) and a["n_tokens"] == b["n_tokens"]
+    for name in ("train_000000.bin", "val_000000.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(GptlabError, match="no 'body' column"):
+        list(iter_documents(f"hf:{tmp_path / 'ds'}", text_field="body"))

@@ -8,27 +8,35 @@ Layout of out_dir:
     meta.json                        written last: its presence marks a complete data dir
 Every document is followed by the end-of-text token (GPT-2/3's document separator), so the
 token stream is doc0 <eot> doc1 <eot> ... and a training window may span documents.
+
+Memory stays bounded whatever the corpus size: documents are read as a stream (a large text file in
+pieces), tokenized by the worker pool a few batches at a time and appended to a spool file on disk; once
+every document's length is known the split is decided, and the spool is copied into the shards in chunks.
+Only the per-document lengths (8 bytes a document) are held.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from gptlab.data.shards import atomic_open, dtype_for_vocab, write_shard
-from gptlab.data.sources import iter_documents
+from gptlab.data.shards import ShardFile, atomic_open, dtype_for_vocab
+from gptlab.data.sources import iter_documents, iter_pieces
 from gptlab.errors import GptlabError
 from gptlab.run.lock import writes_run_dir
 
 META_FILE = "meta.json"
+SPOOL_FILE = ".tokens.spool"  # in out_dir while preparing: the token stream before the split
 FORMAT = "gptlab-data"
 VERSION = 1
 MIN_DOCS_FOR_DOC_SPLIT = 10
@@ -65,8 +73,9 @@ def prepare(
     t0 = time.perf_counter()
 
     omni = _omni_tokenizer(tokenizer)
-    docs = [] if omni else list(iter_documents(source, text_field=text_field))
-    tok = omni or build_tokenizer(tokenizer, docs, progress=progress)
+    # a trained tokenizer (char, bpe:N) reads the corpus once more, as a stream
+    tok = omni or build_tokenizer(tokenizer, iter_documents(source, text_field=text_field)
+                                  if _needs_training(tokenizer) else None, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     # Drop the old completion marker before the first write: a crash below must not leave an
     # old meta.json describing a mix of old and new files.
@@ -77,28 +86,37 @@ def prepare(
     vocab_size, eot_id = tok.vocab_size, tok.eot_id
 
     t1 = time.perf_counter()
-    arrays = _conversations(source, tok) if omni else list(_tokenize(docs, tok, tok_path, num_workers, progress))
-    n_chars = sum(map(len, docs))
-    del docs
-    t_tok = time.perf_counter() - t1
-
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    n_tokens = int(lengths.sum())
-    split_kind, train_pieces, val_pieces, n_train_docs, n_val_docs = _split(arrays, lengths, val_fraction, seed)
-    n_val = sum(len(p) for p in val_pieces)
-    if n_val == 0:
-        raise GptlabError(f"corpus {source} is too small: the val split ({val_fraction:.0%}) is empty")
-    if n_val == n_tokens:
-        raise GptlabError(f"corpus {source} is too small: the train split is empty")
-
     dtype = dtype_for_vocab(vocab_size)
-    train_shards, train_bytes = _write_split(out, "train", train_pieces, shard_tokens, vocab_size)
-    val_shards, val_bytes = _write_split(out, "val", val_pieces, shard_tokens, vocab_size)
+    spool = out / SPOOL_FILE  # every document's tokens, in corpus order, until the split is known
+    try:
+        with open(spool, "wb") as f:
+            pieces = _conversation_pieces(source, tok) if omni else \
+                _tokenize(iter_pieces(source, text_field=text_field), tok, tok_path, num_workers, progress)
+            lengths, n_chars = _spool(pieces, f)
+        t_tok = time.perf_counter() - t1
+        n_tokens = int(lengths.sum())
+        split_kind, is_val, cut, n_train_docs, n_val_docs = _split(lengths, val_fraction, seed)
+        n_val = int(lengths[is_val].sum()) + (n_tokens - cut if cut is not None else 0)
+        if n_val == 0:
+            raise GptlabError(f"corpus {source} is too small: the val split ({val_fraction:.0%}) is empty")
+        if n_val == n_tokens:
+            raise GptlabError(f"corpus {source} is too small: the train split is empty")
+        writers = {k: ShardWriter(out, k, shard_tokens, vocab_size) for k in ("train", "val")}
+        try:
+            for split, tokens in _routed(spool, dtype, lengths, is_val, cut):
+                writers[split].add(tokens)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        (train_shards, train_bytes), (val_shards, val_bytes) = (writers[k].close() for k in ("train", "val"))
+    finally:
+        spool.unlink(missing_ok=True)
     meta = {
         "format": FORMAT, "version": VERSION, "source": str(source),
         "tokenizer": tok.kind, "tokenizer_spec": str(tokenizer), "tokenizer_file": TOKENIZER_FILE,
         "vocab_size": vocab_size, "eot_id": eot_id, "dtype": np.dtype(dtype).name,
-        "n_documents": len(arrays), "split": split_kind, "seed": seed, "val_fraction": val_fraction,
+        "n_documents": len(lengths), "split": split_kind, "seed": seed, "val_fraction": val_fraction,
         "train": {"documents": n_train_docs, "tokens": n_tokens - n_val, "shards": train_shards},
         "val": {"documents": n_val_docs, "tokens": n_val, "shards": val_shards},
     }
@@ -112,7 +130,7 @@ def prepare(
                "tokens_per_s": n_tokens / max(t_tok, 1e-9)}
     if progress:
         print(
-            f"prepared {out}: {len(arrays):,} documents, {n_tokens:,} tokens "
+            f"prepared {out}: {len(lengths):,} documents, {n_tokens:,} tokens "
             f"(train {meta['train']['tokens']:,} / val {n_val:,}), {summary['tokens_per_s']:,.0f} tokens/s, "
             f"{len(train_shards)} + {len(val_shards)} shards, {summary['bytes']:,} bytes ({dtype.name})",
             flush=True,
@@ -121,6 +139,10 @@ def prepare(
 
 
 # ---------------------------------------------------------------- tokenization
+
+def _needs_training(spec: str) -> bool:
+    return spec.strip() == "char" or spec.strip().startswith("bpe")
+
 
 def _omni_tokenizer(spec: str):
     """The omni tokenizer file `spec` names, or None: with one, the source is chat examples with media."""
@@ -132,7 +154,7 @@ def _omni_tokenizer(spec: str):
     return None
 
 
-def _conversations(source, tok) -> list[np.ndarray]:
+def _conversation_pieces(source, tok) -> Iterator[tuple[np.ndarray, bool, int]]:
     """Chat JSONL with content parts (images and audio by path), or a Hugging Face dataset with Image/Audio
     columns -> each conversation's ids + eot, rendered with the one chat template, every modality as its
     codes: the documents of omni pretraining."""
@@ -142,7 +164,6 @@ def _conversations(source, tok) -> list[np.ndarray]:
     from gptlab.omni.media import load_content
 
     dtype = dtype_for_vocab(tok.vocab_size)
-    out = []
     hf = is_hf_source(source)
     base = Path(source) if hf else Path(source).parent
     for row in read_rows(source):
@@ -156,8 +177,7 @@ def _conversations(source, tok) -> list[np.ndarray]:
             ids = render_ids(tok, msgs, add_generation_prompt=False)[0]
         except GptlabError as e:
             raise GptlabError(f"{where}: {e}") from None
-        out.append(np.array(ids + [tok.eot_id], dtype=dtype))
-    return out
+        yield np.array(ids + [tok.eot_id], dtype=dtype), True, 0
 
 def _init_worker(tok_path: str) -> None:
     global _worker_tok
@@ -166,22 +186,23 @@ def _init_worker(tok_path: str) -> None:
     _worker_tok = load_tokenizer(tok_path)
 
 
-def _encode_with(tok: Any, texts: list[str]) -> list[np.ndarray]:
-    """Each document's ids followed by eot, as arrays of the shard dtype (compact to pickle/hold)."""
+def _encode_with(tok: Any, pieces: list[tuple[str, bool]]) -> list[np.ndarray]:
+    """Each piece's ids (+ eot where it ends its document), as arrays of the shard dtype."""
     eot, dtype = tok.eot_id, dtype_for_vocab(tok.vocab_size)
-    return [np.array(ids + [eot], dtype=dtype) for ids in tok.encode_batch(texts)]
+    ids = tok.encode_batch([t for t, _ in pieces])
+    return [np.array(i + [eot] if end else i, dtype=dtype) for i, (_, end) in zip(ids, pieces)]
 
 
-def _encode_docs(texts: list[str]) -> list[np.ndarray]:
-    return _encode_with(_worker_tok, texts)
+def _encode_pieces(pieces: list[tuple[str, bool]]) -> list[np.ndarray]:
+    return _encode_with(_worker_tok, pieces)
 
 
-def _batches(docs: list[str], target_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(pieces: Iterator[tuple[str, bool]], target_chars: int) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
     size = 0
-    for d in docs:
-        batch.append(d)
-        size += len(d)
+    for p in pieces:
+        batch.append(p)
+        size += len(p[0])
         if size >= target_chars:
             yield batch
             batch, size = [], 0
@@ -189,30 +210,59 @@ def _batches(docs: list[str], target_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _tokenize(docs: list[str], tok: Any, tok_path: Path, num_workers: int | None, progress: bool) -> Iterator[np.ndarray]:
-    """Yield one token array (document + eot) per document, in document order."""
+def _tokenize(pieces: Iterator[tuple[str, bool]], tok: Any, tok_path: Path, num_workers: int | None,
+              progress: bool) -> Iterator[tuple[np.ndarray, bool, int]]:
+    """Yield (token array, ends its document, characters) per piece, in corpus order. At most two batches
+    per worker are in flight, so memory stays bounded whatever the corpus size."""
     workers = num_workers if num_workers is not None else min(os.cpu_count() or 1, 8)
-    total_chars = sum(map(len, docs))
-    bar = tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(unit="char", unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    batches = _batches(pieces, _MIN_BATCH_CHARS if workers <= 1 else _MAX_BATCH_CHARS // 4)
     with bar:
-        if workers <= 1 or total_chars < _INPROCESS_CHARS or len(docs) == 1:
-            for batch in _batches(docs, _MIN_BATCH_CHARS):
-                yield from _encode_with(tok, batch)
-                bar.update(len(batch))
+        first = next(batches, None)
+        if first is None:
             return
-        # ~4 batches per worker keeps all workers busy while bounding per-task memory.
-        target = max(_MIN_BATCH_CHARS, min(_MAX_BATCH_CHARS, total_chars // (4 * workers)))
+        second = next(batches, None)
+        if workers <= 1 or second is None and sum(len(t) for t, _ in first) < _INPROCESS_CHARS:
+            for batch in (first, *(() if second is None else (second,))), batches:
+                for b in batch:
+                    for arr, (text, end) in zip(_encode_with(tok, b), b):
+                        yield arr, end, len(text)
+                    bar.update(sum(len(t) for t, _ in b))
+            return
+        window: deque = deque()
         with mp.get_context().Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
-            batches = list(_batches(docs, target))
-            for batch, arrays in zip(batches, pool.imap(_encode_docs, batches)):  # imap keeps order
-                yield from arrays
-                bar.update(len(batch))
+            for batch in itertools.chain([first] + ([second] if second else []), batches):
+                window.append((batch, pool.apply_async(_encode_pieces, (batch,))))
+                while len(window) > 2 * workers or (window and window[0][1].ready()):
+                    yield from _drain(window.popleft(), bar)
+            while window:
+                yield from _drain(window.popleft(), bar)
 
 
-# ---------------------------------------------------------------- split and write
+def _drain(item, bar) -> Iterator[tuple[np.ndarray, bool, int]]:
+    batch, result = item
+    for arr, (text, end) in zip(result.get(), batch):
+        yield arr, end, len(text)
+    bar.update(sum(len(t) for t, _ in batch))
 
-def _split(arrays: list[np.ndarray], lengths: np.ndarray, val_fraction: float, seed: int):
-    """Return (kind, train pieces, val pieces, n train docs, n val docs); pieces keep corpus order.
+
+# ---------------------------------------------------------------- spool, split and write
+
+def _spool(pieces: Iterator[tuple[np.ndarray, bool, int]], f) -> tuple[np.ndarray, int]:
+    """Append every piece's tokens to `f`; -> (tokens per document, characters)."""
+    lengths, current, chars = [], 0, 0
+    for arr, end, n in pieces:
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        current += len(arr)
+        chars += n
+        if end:
+            lengths.append(current)
+            current = 0
+    return np.array(lengths, dtype=np.int64), chars
+
+
+def _split(lengths: np.ndarray, val_fraction: float, seed: int):
+    """-> (kind, is_val per document, cut: first val token of a stream split or None, n train docs, n val docs).
 
     With >= 10 documents, whole documents go to val (a seeded permutation, taken until val holds
     >= val_fraction of the tokens), so no document is cut in two. With fewer documents (e.g. one
@@ -220,56 +270,71 @@ def _split(arrays: list[np.ndarray], lengths: np.ndarray, val_fraction: float, s
     """
     total = int(lengths.sum())
     target = val_fraction * total
-    if len(arrays) >= MIN_DOCS_FOR_DOC_SPLIT:
-        perm = np.random.default_rng(seed).permutation(len(arrays))
+    is_val = np.zeros(len(lengths), dtype=bool)
+    if len(lengths) >= MIN_DOCS_FOR_DOC_SPLIT:
+        perm = np.random.default_rng(seed).permutation(len(lengths))
         k = int(np.searchsorted(np.cumsum(lengths[perm]), target, side="left")) + 1
-        if k < len(arrays):  # else one huge doc would leave train empty: split the stream instead
-            is_val = np.zeros(len(arrays), dtype=bool)
+        if k < len(lengths):  # else one huge doc would leave train empty: split the stream instead
             is_val[perm[:k]] = True
-            train = [a for a, v in zip(arrays, is_val) if not v]
-            val = [a for a, v in zip(arrays, is_val) if v]
-            return "documents", train, val, len(train), len(val)
-    n_val = int(round(target))
-    cut = total - n_val  # first val token
+            return "documents", is_val, None, int((~is_val).sum()), k
+    cut = total - int(round(target))  # first val token
     ends = np.cumsum(lengths)
     d = int(np.searchsorted(ends, cut, side="right"))  # document holding token `cut`
-    train, val = list(arrays[:d]), list(arrays[d + 1:])
-    if d < len(arrays):
-        local = cut - (int(ends[d - 1]) if d else 0)
-        train.append(arrays[d][:local])
-        val.insert(0, arrays[d][local:])
-    # A document cut in two counts in both splits.
-    return "stream", train, val, sum(len(p) > 0 for p in train), sum(len(p) > 0 for p in val)
+    starts = ends - lengths
+    # A document cut in two counts in both splits; empty sides count nowhere.
+    n_train = int(((starts < cut) & (lengths > 0)).sum())
+    n_val = int(((ends > cut) & (lengths > 0)).sum())
+    return "stream", is_val, cut, n_train, n_val if d < len(lengths) or cut < total else 0
 
 
-def _write_split(out: Path, split: str, pieces: list[np.ndarray], shard_tokens: int, vocab_size: int):
-    """Write pieces as consecutive shards of exactly shard_tokens (the last may be shorter)."""
-    names: list[str] = []
-    nbytes = 0
-    buf: list[np.ndarray] = []
-    buffered = 0
+def _routed(spool: Path, dtype, lengths: np.ndarray, is_val: np.ndarray, cut: int | None,
+            chunk: int = 1 << 24) -> Iterator[tuple[str, np.ndarray]]:
+    """The spooled tokens in corpus order, at most `chunk` at a time, each labelled train or val."""
+    with open(spool, "rb") as f:
+        pos = 0
+        for n, val in zip(lengths.tolist(), is_val.tolist()):
+            end = pos + n
+            while pos < end:
+                take = min(chunk, end - pos)
+                if cut is not None and pos < cut < pos + take:
+                    take = cut - pos
+                tokens = np.fromfile(f, dtype=dtype, count=take)
+                yield ("val" if val or (cut is not None and pos >= cut) else "train"), tokens
+                pos += take
 
-    def emit(tokens: np.ndarray) -> None:
-        nonlocal nbytes
-        name = f"{split}_{len(names):06d}.bin"
-        nbytes += write_shard(out / name, tokens, vocab_size)
-        names.append(name)
 
-    for piece in pieces:
-        if not len(piece):
-            continue
-        buf.append(piece)
-        buffered += len(piece)
-        if buffered >= shard_tokens:
-            data = np.concatenate(buf)
-            n_full = len(data) // shard_tokens
-            for i in range(n_full):
-                emit(data[i * shard_tokens:(i + 1) * shard_tokens])
-            rest = data[n_full * shard_tokens:]
-            buf, buffered = ([rest] if len(rest) else []), len(rest)
-    if buffered:
-        emit(np.concatenate(buf))
-    return names, nbytes
+class ShardWriter:
+    """Streams tokens into consecutive shards of exactly shard_tokens (the last may be shorter)."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int):
+        self.out, self.split, self.shard_tokens, self.vocab = out, split, shard_tokens, vocab_size
+        self.names: list[str] = []
+        self.nbytes = 0
+        self.file: ShardFile | None = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.file is None:
+                self.file = ShardFile(self.out / f"{self.split}_{len(self.names):06d}.bin", self.vocab)
+            take = min(len(tokens), self.shard_tokens - self.file.count)
+            self.file.append(tokens[:take])
+            tokens = tokens[take:]
+            if self.file.count == self.shard_tokens:
+                self._finish()
+
+    def _finish(self) -> None:
+        self.nbytes += self.file.close()
+        self.names.append(self.file.path.name)
+        self.file = None
+
+    def close(self) -> tuple[list[str], int]:
+        if self.file is not None:
+            self._finish()
+        return self.names, self.nbytes
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
 
 
 def _remove_stale_shards(out: Path, keep: set[str]) -> None:

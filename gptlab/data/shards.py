@@ -99,6 +99,43 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) ->
     return HEADER_BYTES + data.nbytes
 
 
+class ShardFile:
+    """A shard written in parts (bounded memory): tokens are appended to a temp file beside `path`, and
+    close() writes the header with the final count, fsyncs and renames it into place."""
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int):
+        if not 0 < vocab_size < 2**32:
+            raise GptlabError(f"{path}: invalid vocab_size {vocab_size}")
+        self.path, self.vocab, self.dtype, self.count = Path(path), vocab_size, dtype_for_vocab(vocab_size), 0
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.f = os.fdopen(fd, "wb")
+        self.f.write(b"\0" * HEADER_BYTES)
+
+    def append(self, tokens: np.ndarray) -> None:
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
+            self.abort()
+            raise GptlabError(f"{self.path}: token ids must lie in [0, {self.vocab}), got [{tokens.min()}, {tokens.max()}]")
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self.f.write(memoryview(data).cast("B"))
+        self.count += data.size
+
+    def close(self) -> int:
+        """-> bytes written."""
+        self.f.seek(0)
+        self.f.write(_HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count, self.vocab).ljust(HEADER_BYTES, b"\0"))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return HEADER_BYTES + self.count * self.dtype.itemsize
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+            os.unlink(self.tmp)
+
+
 def read_header(path: str | os.PathLike) -> ShardHeader:
     """Read and validate a shard's header and size; raises GptlabError naming the file."""
     path = Path(path)
