@@ -128,6 +128,10 @@ def test_speculative_greedy_output_equals_plain_decoding(tok, draft_seed):
         for (ta, ka, _, _), (tb, kb, _, _) in zip(a[:5] + a[6:], b[:5] + b[6:]):
             assert ka == kb and ta == tb
         assert all(len(t) == 12 for t in b[5][1].values())
+        # a batch in which no row takes drafts: plain steps for both models, caches still in step
+        alone = [_completion(tok, "With a penalty", 10, frequency_penalty=1.0), _completion(tok, "And logprobs", 6, logprobs=2)]
+        assert [x[1] for x in _run_engine(fast, alone)] == [x[1] for x in _run_engine(plain, alone)]
+        assert [x[1] for x in _run_engine(fast, specs()[:2])] == [x[1] for x in a[:2]]  # and drafting again after
         rate = spec.accepted / spec.proposed
         assert rate == 1.0 if draft_seed == 0 else rate < 0.9, rate
     finally:

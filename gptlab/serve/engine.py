@@ -344,6 +344,10 @@ class Engine:
             self.cache = KVCache.concat([self.cache], room)
             self.spec.grow(room)
         samplers = [r.sampler if r.alive and r.sampler.can_draft else None for r in self.rows]
+        if not any(samplers):  # no row takes drafts (penalties, grammars, logprobs): a plain step for both models
+            self.logits = self.gen._step(self.cache, feed)
+            self.spec.catch_up(feed)
+            return 0
         drafts, q = self.spec.propose(feed, samplers)  # (B, k), (B, k, V) | None
         start = self.cache.length
         x = torch.cat([feed[:, None], drafts.to(self.gen.device)], 1)  # (B, k+1)

@@ -93,5 +93,6 @@ class Speculator:
         return torch.stack(drafts, 1).cpu(), torch.stack(qs, 1) if qs else None
 
     def catch_up(self, last: torch.Tensor) -> None:
-        """Feed d_k too (some row kept every draft), so the draft's cache holds the same k+1 slots as the target's."""
+        """Feed `last` (B,) alone: d_k when some row kept every draft, so the draft's cache holds the same k+1
+        slots as the target's; or the round's token when no row drafts and the target takes a plain step."""
         self.draft.model.hidden(last.to(self.draft.device)[:, None], cache=self.cache)
