@@ -220,7 +220,7 @@ def test_multiworker_matches_single_worker(tmp_path: Path, monkeypatch: pytest.M
     prepare(corpus, tmp_path / "one", tokenizer="char", num_workers=1, shard_tokens=1000, progress=False)
     # Force the pool path and several batches per worker despite the tiny corpus.
     monkeypatch.setattr(prepare_mod, "_INPROCESS_CHARS", 0)
-    monkeypatch.setattr(prepare_mod, "_MIN_BATCH_CHARS", 200)
+    monkeypatch.setattr(prepare_mod, "_MAX_BATCH_CHARS", 800)  # batches of ~200 characters
     prepare(corpus, tmp_path / "two", tokenizer="char", num_workers=2, shard_tokens=1000, progress=False)
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert one == sorted(p.name for p in (tmp_path / "two").iterdir())

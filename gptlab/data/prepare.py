@@ -42,7 +42,8 @@ VERSION = 1
 MIN_DOCS_FOR_DOC_SPLIT = 10
 # Below this many characters the pool's start-up costs more than it saves (tests lower it).
 _INPROCESS_CHARS = 1 << 20
-# Documents are sent to workers in batches of roughly this many characters (bounds).
+# Pieces are encoded in batches of about _MIN_BATCH_CHARS in process, _MAX_BATCH_CHARS / 4 per pool task (at
+# most two tasks a worker in flight: with the 4 MiB pieces of a large file, memory stays a few batches).
 _MIN_BATCH_CHARS, _MAX_BATCH_CHARS = 1 << 16, 1 << 22
 
 _worker_tok: Any = None  # set in each pool worker by _init_worker
