@@ -151,7 +151,7 @@ def test_acceptance_rule_samples_the_target_distribution():
     counts = torch.zeros(2, V)
     for _ in range(N):
         d = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)]
-        a, residual = accept_drafts(p, q, d, g, greedy=False)
+        a, residual = accept_drafts(p, q, d, g)
         seq = d[:a] + [int(torch.multinomial(residual if residual is not None else p[a], 1, generator=g))]
         if len(seq) < 2:  # a rejection at the first draft: the next round starts from p[1]
             seq.append(int(torch.multinomial(p[1], 1, generator=g)))

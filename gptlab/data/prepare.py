@@ -223,16 +223,16 @@ def _tokenize(pieces: Iterator[tuple[str, bool]], tok: Any, tok_path: Path, num_
         if first is None:
             return
         second = next(batches, None)
+        ahead = itertools.chain([first] + ([second] if second else []), batches)
         if workers <= 1 or second is None and sum(len(t) for t, _ in first) < _INPROCESS_CHARS:
-            for batch in (first, *(() if second is None else (second,))), batches:
-                for b in batch:
-                    for arr, (text, end) in zip(_encode_with(tok, b), b):
-                        yield arr, end, len(text)
-                    bar.update(sum(len(t) for t, _ in b))
+            for b in ahead:
+                for arr, (text, end) in zip(_encode_with(tok, b), b):
+                    yield arr, end, len(text)
+                bar.update(sum(len(t) for t, _ in b))
             return
         window: deque = deque()
         with mp.get_context().Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
-            for batch in itertools.chain([first] + ([second] if second else []), batches):
+            for batch in ahead:
                 window.append((batch, pool.apply_async(_encode_pieces, (batch,))))
                 while len(window) > 2 * workers or (window and window[0][1].ready()):
                     yield from _drain(window.popleft(), bar)

@@ -47,19 +47,17 @@ def ll_tokenizer(tok):
         if hit is not None and hit[0] is tok:
             return hit[1]
         llg = _llguidance()
-        special = set(tok.special_tokens.values())
-        n = tok.vocab_size
+        special, n = set(tok.special_tokens.values()), tok.vocab_size
+        raw = [b"" if i in special else tok.decode_bytes([i]) for i in range(n)]
+        marked = [i for i in range(n) if not raw[i]]  # special, or a media code (no text): never grammar output
 
         class _Vocab:
-            eos_token_id, bos_token_id = tok.eot_id, None
-            special_token_ids = sorted(special)
-            tokens = [b"\xff" + f"<|special_{i}|>".encode() if i in special or not tok.decode_bytes([i])
-                      else tok.decode_bytes([i]) for i in range(n)]
+            eos_token_id, bos_token_id, special_token_ids = tok.eot_id, None, marked
+            tokens = [b or b"\xff" + f"<|special_{i}|>".encode() for i, b in enumerate(raw)]
 
             def __call__(self, s):
                 return tok.encode(s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s)
 
-        _Vocab.special_token_ids = sorted(i for i in range(n) if _Vocab.tokens[i].startswith(b"\xff"))
         ll = llg.LLTokenizer(llg.TokenizerWrapper(_Vocab()), n_vocab=n, eos_token=stop_tokens(tok))
         _tokenizers[id(tok)] = (tok, ll)
         return ll

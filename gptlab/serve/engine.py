@@ -352,20 +352,23 @@ class Engine:
         start = self.cache.length
         x = torch.cat([feed[:, None], drafts.to(self.gen.device)], 1)  # (B, k+1)
         logits = self.gen.model.lm_head(self.gen.model.hidden(x, cache=self.cache)).float()[..., :V]  # (B, k+1, V)
+        top = logits[:, :k].argmax(-1).cpu()  # (B, k): greedy rows keep the drafts that equal it
+        matches = (top == drafts).int().cumprod(1).sum(1).tolist()
         kept, pick, accepted = [], [], []
         for i, s in enumerate(samplers):
             a = 0
             if s is not None:
-                p = probs(logits[i], s.params)  # (k+1, V)
-                a, s.residual = accept_drafts(p, q[i] if q is not None else None, drafts[i].tolist(), s.gen,
-                                              s.params.temperature == 0)
-                self.spec.proposed += k
-                self.spec.accepted += a
+                if s.params.temperature == 0:
+                    a = matches[i]  # a rejection's correction is the argmax the next sampling takes anyway
+                else:
+                    a, s.residual = accept_drafts(probs(logits[i], s.params), q[i], drafts[i].tolist(), s.gen)
                 if a:
                     accepted.append((i, drafts[i, :a].tolist(), [None] * a))
             kept.append(a + 1)
             pick.append(a)
-        self.metrics.add_drafts(k * sum(s is not None for s in samplers), sum(pick))
+        proposed = k * sum(s is not None for s in samplers)
+        self.spec.proposed, self.spec.accepted = self.spec.proposed + proposed, self.spec.accepted + sum(pick)
+        self.metrics.add_drafts(proposed, sum(pick))
         if max(pick) == k:
             self.spec.catch_up(drafts[:, -1])
         kept_t = torch.tensor(kept)

@@ -32,7 +32,6 @@ class PrefixCache:
         self.block, self.max_bytes = block, max_bytes
         self.blocks: OrderedDict[tuple, Block] = OrderedDict()  # LRU order: oldest first
         self.bytes = 0
-        self.hits = self.lookups = self.hit_tokens = 0
 
     def _keys(self, tokens: list[int], n_blocks: int):
         key = None
@@ -43,7 +42,6 @@ class PrefixCache:
     def lookup(self, tokens: list[int]) -> tuple[int, list[Block]]:
         """The longest cached prefix of `tokens` that leaves at least one token to prefill (its logits
         start the reply) -> (its length, its blocks in order)."""
-        self.lookups += 1
         found = []
         for key in self._keys(tokens, (len(tokens) - 1) // self.block):
             b = self.blocks.get(key)
@@ -51,9 +49,6 @@ class PrefixCache:
                 break
             self.blocks.move_to_end(key)
             found.append(b)
-        if found:
-            self.hits += 1
-            self.hit_tokens += len(found) * self.block
         return len(found) * self.block, found
 
     def insert(self, tokens: list[int], read_kv) -> None:
@@ -83,7 +78,3 @@ class PrefixCache:
             parent = self.blocks.get(victim.key[0])
             if parent is not None:
                 parent.children -= 1
-
-    def stats(self) -> dict:
-        return {"blocks": len(self.blocks), "bytes": self.bytes, "lookups": self.lookups, "hits": self.hits,
-                "hit_tokens": self.hit_tokens}

@@ -22,16 +22,12 @@ from gptlab.generate.generator import Generator
 from gptlab.generate.logits import filter_logits
 
 
-def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None,
-                  greedy: bool) -> tuple[int, torch.Tensor | None]:
-    """p (k+1, V) target probabilities after each fed token, q (k, V) the draft's for d_1..d_k ->
-    (drafts accepted, the distribution to draw the next token from after a rejection, or None: draw it
-    from p at the accepted position as usual)."""
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
+                  gen: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """A sampled row: p (k+1, V) target probabilities after each fed token, q (k, V) the draft's for
+    d_1..d_k -> (drafts accepted, the distribution to draw the next token from after a rejection, or None:
+    draw it from p at the accepted position as usual). Greedy rows keep the drafts that equal the argmax."""
     for j, d in enumerate(drafts):
-        if greedy:
-            if int(p[j].argmax()) != d:
-                return j, None  # the usual argmax of p[j] is the correction
-            continue
         u = torch.rand((), generator=gen, device=p.device)
         if u * q[j, d] >= p[j, d]:  # rejected: u >= p/q, written without dividing by q
             residual = (p[j] - q[j]).clamp_min(0)
@@ -41,9 +37,7 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torc
 
 
 def probs(logits: torch.Tensor, params) -> torch.Tensor:
-    """(N, V) logits -> the distribution a row samples from (one-hot argmax when greedy)."""
-    if params.temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    """(N, V) logits -> the distribution a sampled row draws from (temperature, top-k/top-p/min-p)."""
     return torch.softmax(filter_logits(logits, params), dim=-1)
 
 
