@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "gptlab.finetune.cli",    # finetune, classify
     "gptlab.compress.cli",    # compress
     "gptlab.align.cli",       # sft, reward, dpo
-    "gptlab.align.ppo_cli",   # ppo, rlhf
+    "gptlab.align.ppo_cli",   # ppo, grpo, rlhf
     "gptlab.pipeline.cli",    # pipeline
     "gptlab.serve.cli",       # serve
     "gptlab.run.cli",         # info

@@ -233,6 +233,36 @@ def test_two_processes_match_one_with_same_global_batch(char_data, tmp_path, mod
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(char_data, tmp_path):
+    """2 processes under FSDP write torch.distributed.checkpoint shards (no full optimizer state gathered);
+    one process resumes them: the same losses and weights as an uninterrupted 2-process run."""
+    common = ["--preset", "tiny", "--recipe", "nanogpt", "--model.n_layer", "2", "--model.n_embd", "32",
+              "--model.block_size", "32", "--train.block_size", "32", "--train.dtype", "float32",
+              "--train.eval_interval", "0", "--train.log_interval", "1", "--train.checkpoint_interval", "4",
+              "--train.lr", "3e-3", "--train.decay_iters", "8", "--data", str(char_data)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab",
+           "pretrain", *common, "--train.batch_size", "2", "--train.distributed", "fsdp"]
+    for out, steps in (("full", "8"), ("cut", "4")):
+        proc = subprocess.run([*two, "--out", str(tmp_path / out), "--train.max_iters", steps], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_0000004"
+    assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    assert not (ckpt / "model.safetensors").exists()  # the weights are in the shards; the run's copy is whole
+    one = [sys.executable, "-m", "gptlab", "pretrain", "--data", str(char_data), "--out", str(tmp_path / "cut"),
+           "--resume", "--train.max_iters", "8", "--train.batch_size", "4"]  # one process, the same global batch
+    proc = subprocess.run(one, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-5)
+    wa, wb = load_run(tmp_path / "full").model.state_dict(), load_run(tmp_path / "cut").model.state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_an_optimizer_step_invalidates_the_generators_packed_weights():
     # the fused AdamW kernel writes weights without bumping their version; the Generator's prepacked CPU
     # weights are keyed on it, so without the optimizer's hook a policy trained between rollouts (PPO)

@@ -7,23 +7,27 @@ import json
 import sys
 
 
-def _train_layer(a) -> dict:
-    """train: keys of --config YAML, then --train.KEY flags (the later wins)."""
+def _layers(a, *extra: str) -> tuple[dict, dict]:
+    """train: and lora: from --config YAML, then the --train.KEY / --lora.KEY flags (the later wins)."""
     from gptlab.config import read_config, section_layer
+    from gptlab.stage.lora import LoRAConfig
     from gptlab.train.config import TrainConfig
 
-    return section_layer(a, read_config(a.config, ("train",)), TrainConfig, "train")
+    y = read_config(a.config, ("train", "lora", *extra))
+    return section_layer(a, y, TrainConfig, "train"), section_layer(a, y, LoRAConfig, "lora")
 
 
 def _common(p: argparse.ArgumentParser, what: str) -> None:
     from gptlab.config import add_dataclass_args
+    from gptlab.stage.lora import add_lora_args
     from gptlab.train.config import TrainConfig
 
     p.add_argument("--from", dest="init_from", metavar="RUN_DIR", help=what)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--config", help="YAML with a train: {...} section (TrainConfig keys)")
+    p.add_argument("--config", help="YAML with train: {...} and lora: {...} sections")
     add_dataclass_args(p, TrainConfig, "train")
+    add_lora_args(p)
 
 
 def cmd_sft(a) -> None:
@@ -32,12 +36,11 @@ def cmd_sft(a) -> None:
     from gptlab.config import read_config, section_layer
     from gptlab.model import GPTConfig
 
-    from gptlab.train.config import TrainConfig
-
-    y = read_config(a.config, ("train", "model"))
+    train, lora = _layers(a, "model")
     sft(a.out, a.data, init_from=a.init_from, epochs=a.epochs, pack=a.pack, val_fraction=a.val_fraction,
-        train=section_layer(a, y, TrainConfig, "train"), resume=a.resume, skip_empty=a.skip_empty,
-        preset_name=a.preset, tokenizer=a.tokenizer, model_overrides=section_layer(a, y, GPTConfig, "model"))
+        train=train, resume=a.resume, skip_empty=a.skip_empty, preset_name=a.preset, tokenizer=a.tokenizer,
+        model_overrides=section_layer(a, read_config(a.config, ("train", "lora", "model")), GPTConfig, "model"),
+        lora=lora)
 
 
 def add_sft_parser(sub) -> argparse.ArgumentParser:
@@ -66,8 +69,9 @@ def add_sft_parser(sub) -> argparse.ArgumentParser:
 def cmd_reward_train(a) -> None:
     from gptlab.align.reward import train_reward
 
+    train, lora = _layers(a)
     train_reward(a.out, a.data, init_from=a.init_from, epochs=a.epochs, heldout_fraction=a.heldout_fraction,
-                 train=_train_layer(a), resume=a.resume, reference=a.reference)
+                 train=train, resume=a.resume, reference=a.reference, lora=lora)
 
 
 def cmd_reward_score(a) -> None:
@@ -125,8 +129,9 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
 def cmd_dpo(a) -> None:
     from gptlab.align.dpo import dpo
 
+    train, lora = _layers(a)
     dpo(a.out, a.data, init_from=a.init_from, beta=a.beta, epochs=a.epochs, heldout_fraction=a.heldout_fraction,
-        train=_train_layer(a), resume=a.resume)
+        train=train, resume=a.resume, lora=lora)
 
 
 def add_dpo_parser(sub) -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ import torch
 from gptlab.align.data import load_preferences
 from gptlab.align.losses import dpo_loss, ranking_accuracy, token_logprobs
 from gptlab.align.reward import Encoded, encode_response, prompt_ids
-from gptlab.chat.template import ensure_chat_tokens
+from gptlab.chat.template import add_chat_tokens
+from gptlab.stage.lora import attach, resolve_lora, resume_token_ids
 from gptlab.errors import GptlabError
 from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
                           single_process, split_heldout, unwrap)
@@ -133,7 +134,8 @@ def evaluate(model, batches, beta: float) -> dict:
 
 @writes_run_dir()
 def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta: float = 0.1, epochs: float = 1.0,
-        heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, quiet: bool = False) -> dict:
+        heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, quiet: bool = False,
+        lora: dict | None = None) -> dict:
     """DPO into `out_dir` from the SFT run `init_from` (also the frozen reference) on preference `data` ->
     final metrics ("heldout_reward_accuracy", "heldout_margin", "val_loss", "step", ...)."""
     st = begin(out_dir, "dpo", resume)
@@ -149,15 +151,19 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
     prefs = load_preferences(data, quiet=quiet)
     train_idx, held_idx = split_heldout(len(prefs), heldout_fraction, cfg.seed)
 
+    lcfg = resolve_lora(st, lora)
     torch.manual_seed(cfg.seed)
     ref_model, tok = load_pretrained(init_from, NO_DROPOUT)  # the SFT run: reference (and the start when not resuming)
-    tok = ensure_chat_tokens(tok, ref_model)
+    tok, new_tokens = add_chat_tokens(tok, ref_model)
+    new_tokens = resume_token_ids(st) or new_tokens
     if resume:
         tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         model = GPT(GPTConfig.from_dict(st.saved["model"]))
+        attach(ref_model, lcfg, new_tokens, quiet=True)  # QLoRA: the reference is the same quantized base
     else:
-        model = ref_model
+        model = ref_model  # with LoRA its adapters start at zero: the reference log-probs are the base's
     check_vocab(model.cfg, tok, "dpo")
+    lora_section = attach(model, lcfg, new_tokens, quiet=quiet or resume)
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg.block_size = T
     train_pairs, n_trunc = make_pairs(tok, [prefs[i] for i in train_idx], T)
@@ -186,7 +192,8 @@ def dpo(out_dir: str | Path, data, *, init_from: str | Path | None = None, beta:
                  "n_train_pairs": len(train_pairs), "n_heldout_pairs": len(held_pairs),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
     init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
-    st.record(model.cfg, tok, stage="dpo", train=cfg.to_dict(), dpo=stage_cfg, init=init_cfg)
+    st.record(model.cfg, tok, stage="dpo", train=cfg.to_dict(), dpo=stage_cfg, init=init_cfg,
+              **({"lora": lora_section} if lora_section else {}))
     if not quiet:
         print(f"dpo: {model.num_params() / 1e6:.2f}M parameters · β {beta:g} · reference = {init_from} (log-probs "
               f"precomputed) · {len(train_pairs):,} train / {len(held_pairs):,} held-out pairs "

@@ -30,12 +30,14 @@ from typing import Callable
 
 import torch
 
-from gptlab.align.losses import entropy_from_logits, gae, kl_per_token, masked_mean, token_logprobs, whiten
+from gptlab.align.losses import (entropy_from_logits, gae, group_advantages, kl_per_token, masked_mean, token_logprobs,
+                                 whiten)
 from gptlab.align.reward import token_scores
 from gptlab.chat.template import END, render_ids, render_text
 from gptlab.errors import GptlabError
 from gptlab.generate import Generator, SamplingParams
 from gptlab.model import GPT
+from gptlab.model.lora import adapters_off
 from gptlab.tokenizer import Tokenizer
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -146,6 +148,8 @@ class ExperienceConfig:
     kl_estimator: str = "k1"
     missing_end_penalty: float | None = 1.0  # subtracted from the score of a response cut at max length
     forward_batch_size: int = 16  # rows per scoring forward (bounds the (rows, R, V) logits)
+    advantage: str = "gae"  # gae (critic) | grpo | rloo (group baselines over a prompt's samples)
+    kl_penalty: str = "reward"  # reward: −β·KL in the rewards | loss: β·KL is a loss term (PPOLoss)
 
     @classmethod
     def of(cls, cfg) -> "ExperienceConfig":
@@ -207,20 +211,29 @@ class ExperienceMaker:
         out: list[list[torch.Tensor]] = [[], [], [], [], []]
         B = self.cfg.forward_batch_size or seq.size(0)
         t = self.cfg.temperature
-        was = self.actor.training, self.critic.training
-        self.actor.eval(), self.critic.eval()
+        critic = self.critic
+        was = self.actor.training, critic is not None and critic.training
+        self.actor.eval()
+        if critic is not None:
+            critic.eval()
         with self.autocast(), unpacked(self.actor):
             for s in range(0, seq.size(0), B):
                 x, pos, y = seq[s:s + B], positions[s:s + B], targets[s:s + B]
                 logits = response_logits(self.actor, x, pos, t)
-                ref_logits = response_logits(self.ref, x, pos, t)
+                if self.ref is None:  # LoRA: the reference is the actor's frozen base
+                    with adapters_off(self.actor):
+                        ref_logits = response_logits(self.actor, x, pos, t)
+                else:
+                    ref_logits = response_logits(self.ref, x, pos, t)
                 logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
                 out[0].append(token_logprobs(logits, y))
                 out[1].append(token_logprobs(ref_logits, y))
-                out[2].append(critic_values(self.critic, x, pos))
+                out[2].append(critic_values(critic, x, pos) if critic is not None else torch.zeros_like(y, dtype=torch.float))
                 out[3].append((logp.exp() * (logp - ref_logp)).sum(-1))
                 out[4].append(entropy_from_logits(logits))
-        self.actor.train(was[0]), self.critic.train(was[1])
+        self.actor.train(was[0])
+        if critic is not None:
+            critic.train(was[1])
         m = mask.float()
         return [torch.cat(o) * m for o in out]
 
@@ -258,10 +271,16 @@ class ExperienceMaker:
         if self.cfg.missing_end_penalty:
             scores = scores - self.cfg.missing_end_penalty * (~ended_t).float()
         kl = kl_per_token(logprobs, ref_logprobs, self.cfg.kl_estimator) * mask  # (N, R)
-        rewards = -kl_coef * kl
+        beta = kl_coef if self.cfg.kl_penalty == "reward" else 0.0  # "loss": PPOLoss adds β·KL itself
+        rewards = -beta * kl
         rewards[torch.arange(len(P), device=self.device), lengths - 1] += scores
-        adv, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
-        adv = whiten(adv, mask)
+        if self.cfg.advantage == "gae":
+            adv, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+            adv = whiten(adv, mask)
+        else:  # one advantage per response, from its total reward against its group's (none for one sample)
+            adv = torch.zeros_like(rewards) if num_samples < 2 else \
+                group_advantages(rewards.sum(1), num_samples, self.cfg.advantage)[:, None] * mask.float()
+            returns = torch.zeros_like(adv)
         t2 = time.perf_counter()
         seq_kl = kl.sum(1)
         stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std(unbiased=False).item(),

@@ -94,6 +94,21 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
 
 
 @torch.no_grad()
+def group_advantages(rewards: torch.Tensor, group: int, kind: str) -> torch.Tensor:
+    """(N,) sequence rewards, rows in groups of `group` samples of one prompt -> (N,) advantages.
+    grpo (Shao et al. 2024): (r − mean) / (std + 1e-4) within the group; rloo (Ahmadian et al. 2024):
+    r − the mean of the group's other rewards. A group whose rewards are all equal gets 0."""
+    r = rewards.float().view(-1, group)  # (P, G)
+    if kind == "grpo":
+        adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    elif kind == "rloo":
+        adv = r - (r.sum(1, keepdim=True) - r) / (group - 1)
+    else:
+        raise ValueError(f"unknown group advantage {kind!r} (grpo or rloo)")
+    return adv.reshape(-1)
+
+
+@torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the masked (response) tokens of each row.

@@ -29,23 +29,25 @@ import torch
 
 from gptlab.align.experience import ExperienceConfig, ExperienceMaker
 from gptlab.align.losses import AdaptiveKLController, FixedKLController
-from gptlab.align.ppo_config import PPOConfig
+from gptlab.align.ppo_config import GRPO_DEFAULTS, PPOConfig
 from gptlab.align.ppo_loop import STATE_FILE, PPOLoop, evaluate_policy, plot_ppo
 from gptlab.align.ppo_loss import ActorCritic, PPOLoss
-from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids, truncate_history
+from gptlab.chat.template import CHAT_TOKENS, add_chat_tokens, ensure_chat_tokens, render_ids, truncate_history
 from gptlab.errors import GptlabError
-from gptlab.fileio import atomic_write_json, read_json
+from gptlab.fileio import atomic_write, atomic_write_json, read_json, save_tensors
 from gptlab.model import GPT
+from gptlab.model.lora import has_lora, merged_state
 from gptlab.run import load_run, read_run_config, write_run_config
 from gptlab.run.format import METRICS_FILE, MODEL_FILE, save_model
 from gptlab.runtime import TRAIN_DTYPES, autocast, dtype_name, linear_shape, resolve_dtype
 from gptlab.stage import NO_DROPOUT, Start, begin, load_pretrained
+from gptlab.stage.lora import LoRAConfig, attach, lora_hooks, resolve_lora
 from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig
 from gptlab.train.engine import Trainer
 from gptlab.run.lock import writes_run_dir
 
-__all__ = ["PPOConfig", "ActorCritic", "PPOLoss", "ppo", "evaluate_policy", "plot_ppo", "resolve_reward_fn"]
+__all__ = ["PPOConfig", "ActorCritic", "PPOLoss", "ppo", "grpo", "evaluate_policy", "plot_ppo", "resolve_reward_fn"]
 
 SUMMARY_FILE = "ppo_summary.json"
 
@@ -66,10 +68,15 @@ def _frozen(model: GPT, dtype: torch.dtype) -> GPT:
     return model
 
 
-def resolve_reward_fn(spec) -> Callable | None:
-    """A callable, or 'module:function' (imported) -> the callable."""
+def resolve_reward_fn(spec, prompts=None) -> Callable | None:
+    """A callable, 'match:MODE' (the prompt rows' answers checked, gptlab.align.verify), or 'module:function'
+    (imported) -> the callable."""
     if spec is None or callable(spec):
         return spec
+    if str(spec).startswith("match:"):
+        from gptlab.align.verify import answer_reward
+
+        return answer_reward(prompts, str(spec).removeprefix("match:"))
     mod, _, fn = str(spec).partition(":")
     if not mod or not fn:
         raise GptlabError(f"expected module:function, got {spec!r}")
@@ -111,7 +118,9 @@ def _fit_prompts(tok, convs: list[list[dict]], block_size: int, max_new: int) ->
 
 
 # --- the stage -----------------------------------------------------------------------------------------
-def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOConfig, device):
+def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOConfig, device,
+                 lcfg: LoRAConfig | None = None):
+    lcfg = lcfg or LoRAConfig()
     torch.manual_seed(cfg.seed)  # new embedding rows / a new value head: identical on resume
     actor, tok = load_pretrained(actor_from, NO_DROPOUT)  # dropout off: the ratio needs eval == train forward
     # one compute dtype for the stage (rollouts and training); frozen models take it too unless set
@@ -121,17 +130,20 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
     if not all(t in tok.special_tokens for t in CHAT_TOKENS):
         warnings.warn(f"{actor_from} has no chat tokens (not an SFT run?); adding them with random embeddings",
                       stacklevel=3)
-    tok = ensure_chat_tokens(tok, actor)
+    tok, new_tokens = add_chat_tokens(tok, actor)
     if reference_from is None or Path(reference_from).resolve() == Path(actor_from).resolve():
-        ref = copy.deepcopy(actor)
+        # with LoRA the reference is the actor with its adapters off: no second copy of the weights
+        ref = None if lcfg.enabled else copy.deepcopy(actor)
     else:
         ref, rtok = load_pretrained(reference_from, NO_DROPOUT)  # (dropout rates would fail the cfg check)
         if rtok.to_dict() != tok.to_dict() or ref.cfg != actor.cfg:
             raise GptlabError(f"the reference {reference_from} differs from the policy {actor_from} in tokenizer or "
                               "architecture; PPO's KL needs the same vocabulary")
-    ref = _frozen(ref, frozen_dtype).to(device)
+    ref = None if ref is None else _frozen(ref, frozen_dtype).to(device)
     src = critic_from or reward_from
-    if src is not None:
+    if not cfg.has_critic:  # GRPO / RLOO: the group of samples is the baseline
+        critic = None
+    elif src is not None:
         run = load_run(Path(src))
         critic = run.model.float()
         if critic.cfg.head != "scalar":  # a trunk without a value head: add one
@@ -146,7 +158,8 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
     else:  # no reward model: the critic is the SFT trunk with a new scalar head
         critic = copy.deepcopy(actor)
         critic.add_head("scalar", 1, 0.0)
-    critic.train()
+    if critic is not None:
+        critic.train()
     rm = None
     if reward_from is not None:
         from gptlab.align.reward import RewardModel
@@ -157,8 +170,13 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
         for p in rm.model.parameters():
             p.requires_grad_(False)
     for m in (actor, critic):
-        _no_dropout(m)
-    return actor.to(device), critic.to(device), ref, rm, tok, (train_dtype, frozen_dtype)
+        if m is not None:
+            _no_dropout(m)
+    attach(actor, lcfg, new_tokens)  # the critic's adapters: the same settings, over its own base
+    if critic is not None:
+        attach(critic, lcfg, new_tokens if src is None else [], quiet=True)
+        critic = critic.to(device)
+    return actor.to(device), critic, ref, rm, tok, (train_dtype, frozen_dtype)
 
 
 @dataclass
@@ -244,14 +262,16 @@ def _ptx_data(cfg: PPOConfig, actor: GPT):
 def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = None,
         reward_from: str | Path | None = None, reward_fn: Callable | str | None = None,
         critic_from: str | Path | None = None, config: PPOConfig | dict | None = None, resume: bool = False,
-        quiet: bool = False, reference_from: str | Path | None = None) -> dict:
+        quiet: bool = False, reference_from: str | Path | None = None, lora: dict | None = None,
+        stage: str = "ppo") -> dict:
     """PPO from the SFT run `actor_from` against the reward model `reward_from` or `reward_fn(prompts,
     responses) -> list[float]` (a callable or 'module:function'; prompts are the rendered chat text) ->
     {"reward_before", "reward_after", "kl_before", "kl_after", "samples_before", "samples_after", "step", ...},
     measured on held-out prompts with the training sampling settings. The KL reference is `actor_from`
     itself unless `reference_from` names another run (e.g. the SFT run when PPO continues an earlier PPO
-    policy, as `gptlab rlhf` does)."""
-    st = begin(out_dir, "ppo", resume)
+    policy, as `gptlab rlhf` does). With config advantage grpo / rloo there is no critic (`grpo`)."""
+    st = begin(out_dir, stage, resume)
+    lcfg = resolve_lora(st, lora)
     src, cfg = _settings(st, Sources(actor_from, reward_from, reward_fn, critic_from, reference_from, prompts), config)
     if src.actor_from is None:
         raise GptlabError("ppo needs --from RUN_DIR (the SFT policy)")
@@ -260,7 +280,7 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     if src.prompts is None:
         raise GptlabError("ppo needs --prompts (a prompt file)")
     reward_spec = None if src.reward_fn is None else (src.reward_fn if isinstance(src.reward_fn, str) else "<callable>")
-    reward_callable = resolve_reward_fn(src.reward_fn)
+    reward_callable = resolve_reward_fn(src.reward_fn, src.prompts)
 
     ctx = read_run_config(Path(src.actor_from))["model"]["block_size"]  # checked before anything is loaded
     if cfg.max_new_tokens >= ctx:
@@ -269,18 +289,21 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     if info.enabled:
         raise GptlabError("gptlab ppo runs in one process; run it without torchrun")
     actor, critic, ref, rm, tok, (train_dtype, frozen_dtype) = _load_models(
-        src.actor_from, src.reward_from, src.critic_from, src.reference_from, cfg, device)
+        src.actor_from, src.reward_from, src.critic_from, src.reference_from, cfg, device, lcfg)
+    lora_section = getattr(actor, "lora_section", None)
     train_c, eval_c, dropped = _split_prompts(tok, src.prompts, cfg, ctx)
     maker = ExperienceMaker(actor, critic, ref, tok, ExperienceConfig.of(cfg), reward_model=rm,
                             reward_fn=reward_callable, autocast=lambda: autocast(device, train_dtype))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
     state = read_json(st.out / STATE_FILE, "ppo state") if resume and (st.out / STATE_FILE).exists() else {"kl_coef": {}}
-    st.record(actor.cfg, tok, stage="ppo", ppo=cfg.to_dict(), init=src.record(reward_spec),
-                     data={"n_train_prompts": len(train_c), "n_eval_prompts": len(eval_c), "n_dropped": dropped})
+    st.record(actor.cfg, tok, stage=stage, ppo=cfg.to_dict(), init=src.record(reward_spec),
+              data={"n_train_prompts": len(train_c), "n_eval_prompts": len(eval_c), "n_dropped": dropped},
+              **({"lora": lora_section} if lora_section else {}))
     if not quiet:
-        print(f"ppo: actor {actor.num_params() / 1e6:.2f}M + critic {critic.num_params() / 1e6:.2f}M trained "
-              f"({dtype_name(train_dtype)}); reference{' + reward model' if rm else ''} frozen in {dtype_name(frozen_dtype)}; "
-              f"reward {'model ' + str(src.reward_from) if rm else 'function ' + str(reward_spec)}")
+        trained = f"actor {actor.num_params() / 1e6:.2f}M" + (f" + critic {critic.num_params() / 1e6:.2f}M" if critic
+                                                               else f" (no critic: {cfg.advantage} group baselines)")
+        print(f"{st.stage}: {trained} trained ({dtype_name(train_dtype)}); reference{' + reward model' if rm else ''} "
+              f"frozen in {dtype_name(frozen_dtype)}; reward {'model ' + str(src.reward_from) if rm else str(reward_spec)}")
         print(f"data: {len(train_c)} train / {len(eval_c)} eval prompts" + (f" ({dropped} too long, skipped)" if dropped else "")
               + f" · {cfg.iterations} iterations × {cfg.rollout_size} rollouts · {cfg.steps_per_iteration} steps each "
               f"({cfg.ppo_epochs} epochs × {cfg.rollout_size // cfg.minibatch_size} minibatches) on {device}")
@@ -288,12 +311,13 @@ def ppo(out_dir: str | Path, prompts=None, *, actor_from: str | Path | None = No
     before = _before(loop, resume)
     n_prompt = sum(len(render_ids(tok, c)[0]) for c in train_c) / len(train_c)
     critic_scale = cfg.critic_lr / cfg.actor_lr if cfg.actor_lr > 0 else 1.0
+    hooks = lora_hooks(actor, st.out, st.on_checkpoint) or {
+        "export_fn": lambda sd: {k[len("actor."):]: v for k, v in sd.items() if k.startswith("actor.")},
+        "on_checkpoint": st.on_checkpoint}
     result = Trainer(ActorCritic(actor, critic, cfg.temperature), _engine_config(cfg, train_dtype), st.out, loop.batch,
                      tokens_per_sample=max(1, round(n_prompt + cfg.max_new_tokens / 2)), loss_fn=loop.loss,
                      eval_fn=loop.evaluate, device=device, resume=resume, metrics_fn=loop.metrics,
-                     export_fn=lambda sd: {k[len("actor."):]: v for k, v in sd.items() if k.startswith("actor.")},
-                     lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0,
-                     on_checkpoint=st.on_checkpoint).fit()
+                     lr_scale=lambda name: critic_scale if name.startswith("critic.") else 1.0, **hooks).fit()
     return _finish(loop, result, before, critic, tok)
 
 
@@ -311,12 +335,22 @@ def _before(loop: PPOLoop, resume: bool) -> dict:
     return before
 
 
-def _finish(loop: PPOLoop, result: dict, before: dict, critic: GPT, tok) -> dict:
+def _save_critic(critic: GPT, tok, out: Path) -> None:
+    """OUT/critic/: the value model as a run of its own (merged, when it trained adapters)."""
+    write_run_config(out / "critic", critic.cfg, tok, stage="ppo-critic", init={"ppo_run": str(out.resolve())})
+    if has_lora(critic):
+        sd = merged_state(critic)
+        atomic_write(out / "critic" / MODEL_FILE, lambda p: save_tensors(sd, p, metadata={"format": "gptlab"}))
+    else:
+        save_model(critic, out / "critic" / MODEL_FILE)
+
+
+def _finish(loop: PPOLoop, result: dict, before: dict, critic: GPT | None, tok) -> dict:
     """Plots, the critic as its own run dir (a value model, e.g. for the next round), the summary."""
     out = loop.out
     plot_ppo(out / METRICS_FILE, out, before["metrics"])
-    write_run_config(out / "critic", critic.cfg, tok, stage="ppo-critic", init={"ppo_run": str(out.resolve())})
-    save_model(critic, out / "critic" / MODEL_FILE)
+    if critic is not None:
+        _save_critic(critic, tok, out)
     after, bm = {k: result[k] for k in result if k.startswith("eval_")}, before["metrics"]
     summary = {"reward_before": bm.get("eval_reward"), "reward_after": after.get("eval_reward"),
                "kl_before": bm.get("eval_kl"), "kl_after": after.get("eval_kl"),
@@ -330,3 +364,14 @@ def _finish(loop: PPOLoop, result: dict, before: dict, critic: GPT, tok) -> dict
         print(f"done: held-out reward {summary['reward_before']:+.4f} -> {summary['reward_after']:+.4f} · "
               f"KL {summary['kl_after']:.4f} nats · run dir {out} (gptlab chat {out})")
     return {**{k: v for k, v in result.items() if not k.startswith("eval_")}, **summary}
+
+
+def grpo(out_dir: str | Path, prompts=None, *, config: PPOConfig | dict | None = None, resume: bool = False,
+         **kw) -> dict:
+    """GRPO (or RLOO with config advantage "rloo") from the SFT run `actor_from`: G samples a prompt, each
+    judged against its group, no critic, the KL to the reference as a loss term — `ppo` with GRPO_DEFAULTS
+    under `config`. Rewards as for `ppo`: reward_fn (a callable, 'module:function' or 'match:MODE' for the
+    prompt rows' answers) or a reward model."""
+    if not resume:
+        config = {**GRPO_DEFAULTS, **(config.to_dict() if isinstance(config, PPOConfig) else dict(config or {}))}
+    return ppo(out_dir, prompts, config=config, resume=resume, stage="grpo", **kw)

@@ -10,58 +10,93 @@ import dataclasses
 import json
 
 
-def _add_ppo_keys(p: argparse.ArgumentParser) -> None:
+def _add_ppo_keys(p: argparse.ArgumentParser, section: str = "ppo") -> None:
     from gptlab.align.ppo_config import PPOConfig
     from gptlab.config import add_dataclass_args
 
-    add_dataclass_args(p, PPOConfig, "ppo", "PPO options (--ppo.KEY VALUE; 'none' clears an optional one)")
+    add_dataclass_args(p, PPOConfig, section, f"{section.upper()} options (--{section}.KEY VALUE; 'none' clears an "
+                                              "optional one)")
 
 
-def _ppo_layer(a, y: dict) -> dict:
+def _ppo_layer(a, y: dict, section: str = "ppo") -> dict:
     from gptlab.align.ppo_config import PPOConfig
     from gptlab.config import section_layer
 
-    return section_layer(a, y, PPOConfig, "ppo")
+    return section_layer(a, y, PPOConfig, section)
 
 
-def cmd_ppo(a) -> None:
-    from gptlab.align.ppo import ppo
+def _run_rl(a, section: str) -> None:
+    """`gptlab ppo` / `gptlab grpo`: the YAML's <section>: and lora:, then the flags."""
+    from gptlab.align.ppo import grpo, ppo
     from gptlab.align.ppo_config import PPOConfig
-    from gptlab.config import check_layout, load_yaml
+    from gptlab.config import check_layout, load_yaml, section_layer
+    from gptlab.stage.lora import LoRAConfig
 
     y = load_yaml(a.config)
-    if y and "ppo" not in y and set(y) <= {f.name for f in dataclasses.fields(PPOConfig)}:
+    if section == "ppo" and y and "ppo" not in y and set(y) <= {f.name for f in dataclasses.fields(PPOConfig)}:
         y = {"ppo": y}  # the older layout: PPO keys at the top level
-    y = check_layout(y, a.config, ("ppo",))
-    result = ppo(a.out, a.prompts, actor_from=a.init_from, reward_from=a.reward, reward_fn=a.reward_fn,
-                 critic_from=a.critic_from, reference_from=a.reference_from, config=_ppo_layer(a, y), resume=a.resume)
+    y = check_layout(y, a.config, (section, "lora"))
+    run = ppo if section == "ppo" else grpo
+    extra = {"critic_from": a.critic_from} if section == "ppo" else {}
+    result = run(a.out, a.prompts, actor_from=a.init_from, reward_from=a.reward, reward_fn=a.reward_fn,
+                 reference_from=a.reference_from, config=_ppo_layer(a, y, section), resume=a.resume,
+                 lora=section_layer(a, y, LoRAConfig, "lora"), **extra)
     if a.json:
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, list, type(None)))}))
 
 
-def add_ppo_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("ppo", help="InstructGPT step 3: PPO against a reward model (or a Python reward function), "
-                                   "KL-penalised against the frozen SFT reference")
+def cmd_ppo(a) -> None:
+    _run_rl(a, "ppo")
+
+
+def cmd_grpo(a) -> None:
+    _run_rl(a, "grpo")
+
+
+def _add_rl_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
     p.add_argument("--from", dest="init_from", metavar="RUN_DIR", help="the SFT run: initial policy and KL reference")
-    p.add_argument("--prompts", help="prompt file: .txt (one per line), JSONL/JSON/CSV of {prompt} or {messages}, or "
-                                     "a preference/SFT file (its prompts)")
+    p.add_argument("--prompts", help="prompt file: .txt (one per line), JSONL/JSON/CSV of {prompt} or {messages} (with "
+                                     "\"answer\" for --reward-fn match:MODE), or a preference/SFT file (its prompts)")
     p.add_argument("--out", required=True, help="run directory to write (a normal run dir: `gptlab chat OUT`)")
     r = p.add_mutually_exclusive_group()
-    r.add_argument("--reward", metavar="RUN_DIR",
-                   help="reward-model run (gptlab reward train); also the critic's start")
-    r.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
+    r.add_argument("--reward", metavar="RUN_DIR", help="reward-model run (gptlab reward train)"
+                                                       + ("; also the critic's start" if name == "ppo" else ""))
+    r.add_argument("--reward-fn", metavar="MODULE:FUNCTION|match:MODE",
                    help="reward_fn(prompts, responses) -> list[float] instead of a reward model (prompts: the rendered "
-                        "chat text; responses: the sampled text)")
-    p.add_argument("--critic-from", metavar="RUN_DIR",
-                   help="start the critic from this run instead [default: the reward model, or the SFT trunk with a "
-                        "new value head]")
+                        "chat text; responses: the sampled text); or match:exact|number|regex, a verifiable reward: 1 "
+                        "when the response matches the prompt row's \"answer\"")
+    if name == "ppo":
+        p.add_argument("--critic-from", metavar="RUN_DIR",
+                       help="start the critic from this run instead [default: the reward model, or the SFT trunk with "
+                            "a new value head]")
     p.add_argument("--reference-from", metavar="RUN_DIR", help="KL reference, when not the --from run (e.g. the SFT "
-                                                               "run when continuing an earlier PPO policy)")
+                                                               "run when continuing an earlier policy)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--config", help="YAML with ppo: {...} (PPO keys, as --ppo.KEY)")
+    p.add_argument("--config", help=f"YAML with {name}: {{...}} (as --{name}.KEY) and lora: {{...}}")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
-    _add_ppo_keys(p)
+    _add_ppo_keys(p, name)
+    from gptlab.stage.lora import add_lora_args
+
+    add_lora_args(p)
+    return p
+
+
+def add_ppo_parser(sub) -> argparse.ArgumentParser:
+    p = _add_rl_parser(sub, "ppo", "InstructGPT step 3: PPO against a reward model (or a Python reward function), "
+                                   "KL-penalised against the frozen SFT reference")
     p.set_defaults(func=cmd_ppo)
+    return p
+
+
+def add_grpo_parser(sub) -> argparse.ArgumentParser:
+    p = _add_rl_parser(sub, "grpo", "GRPO / RLOO: G samples a prompt, each judged against its group (no critic), "
+                                    "e.g. with a verifiable reward (--reward-fn match:number)")
+    from gptlab.align.ppo_config import GRPO_DEFAULTS
+
+    p.set_defaults(func=cmd_grpo)
+    p.epilog = ("GRPO's defaults replace PPO's shown above: " + ", ".join(f"{k}={v}" for k, v in GRPO_DEFAULTS.items())
+                + "; --grpo.advantage rloo for RLOO")
     return p
 
 
@@ -96,4 +131,5 @@ def add_rlhf_parser(sub) -> argparse.ArgumentParser:
 
 def register(sub) -> None:
     add_ppo_parser(sub)
+    add_grpo_parser(sub)
     add_rlhf_parser(sub)

@@ -32,6 +32,11 @@ class PPOConfig:
     kl_horizon: int = field(10000, "adaptive controller time constant, in samples")
     kl_estimator: str = field("k1", "per-token KL estimator in the reward: k1 (log ratio, unbiased) | k2 | k3")
     missing_end_penalty: float | None = field(1.0, "subtracted from the score of a response cut at max_new_tokens")
+    # advantages: PPO's critic, or a group baseline over the samples of one prompt (no critic)
+    advantage: str = field("gae", "gae: a critic + GAE (PPO) | grpo: each reward normalised within its prompt's "
+                                  "group (GRPO) | rloo: the group's leave-one-out mean as baseline (RLOO)")
+    kl_penalty: str = field("reward", "where β·KL(actor‖ref) acts: reward (a per-token penalty; RLOO: per sequence) | "
+                                      "loss (a term of the loss, GRPO's k3)")
     # PPO
     gamma: float = field(1.0, "GAE discount γ")
     lam: float = field(0.95, "GAE λ")
@@ -65,6 +70,13 @@ class PPOConfig:
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "ppo_epochs", "minibatch_size")
         if any(getattr(self, k) < 1 for k in ints):
             raise GptlabError(f"ppo: {', '.join(ints)} must be ≥ 1")
+        if self.advantage not in ("gae", "grpo", "rloo"):
+            raise GptlabError(f"ppo: advantage must be gae, grpo or rloo, got {self.advantage!r}")
+        if self.kl_penalty not in ("reward", "loss"):
+            raise GptlabError(f"ppo: kl_penalty must be reward or loss, got {self.kl_penalty!r}")
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise GptlabError(f"ppo: advantage {self.advantage} compares the samples of one prompt: samples_per_prompt "
+                              "must be ≥ 2")
         n = self.rollout_prompts * self.samples_per_prompt
         if n % self.minibatch_size:
             raise GptlabError(f"ppo: rollout_prompts × samples_per_prompt ({n}) must be a multiple of minibatch_size "
@@ -102,6 +114,10 @@ class PPOConfig:
                           "policy's own distribution; the KL estimate and the PPO ratio are then biased", stacklevel=2)
 
     @property
+    def has_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @property
     def rollout_size(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
@@ -116,3 +132,9 @@ class PPOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# `gptlab grpo`: DeepSeekMath's GRPO (Shao et al. 2024): G = 8 samples a prompt, advantages normalised within
+# each group, no critic, β = 0.04 on the k3 KL estimator as a loss term, one pass over each batch.
+GRPO_DEFAULTS: dict = dict(advantage="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.04, samples_per_prompt=8,
+                           rollout_prompts=4, minibatch_size=8, ppo_epochs=1, actor_lr=1e-5)

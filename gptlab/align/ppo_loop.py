@@ -58,6 +58,7 @@ class PPOLoop:
         if str(it) in kl:
             self.kl_ctl.value = kl[str(it)]
         kl[str(it)] = self.kl_ctl.value
+        self.loss.kl_coef = self.kl_ctl.value  # GRPO's KL loss term uses the iteration's β too
         idx = self.order.indices(it, slice(0, cfg.rollout_prompts), cfg.rollout_prompts)
         exp = self.maker.make([self.train_prompts[i] for i in idx], self.kl_ctl.value, num_samples=cfg.samples_per_prompt)
         self.kl_ctl.update(exp.stats["kl"], cfg.rollout_size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gptlab.align.experience import response_logits
-from gptlab.align.losses import entropy_from_logits, masked_mean, policy_loss, token_logprobs, value_loss
+from gptlab.align.losses import entropy_from_logits, kl_per_token, masked_mean, policy_loss, token_logprobs, value_loss
 from gptlab.align.ppo_config import PPOConfig
 from gptlab.align.reward import token_scores
 from gptlab.stage import unwrap
@@ -18,8 +18,8 @@ class ActorCritic(torch.nn.Module):
     """Actor (a GPT with its LM head) and critic (a GPT with a scalar head) trained together. `forward`
     returns the actor's log-probs and entropy and the critic's values at the response positions."""
 
-    def __init__(self, actor: GPT, critic: GPT, temperature: float = 1.0):
-        super().__init__()
+    def __init__(self, actor: GPT, critic: GPT | None, temperature: float = 1.0):
+        super().__init__()  # critic None: GRPO / RLOO, whose baselines come from the group, not a value model
         self.actor, self.critic, self.temperature = actor, critic, temperature
 
     def forward(self, seq: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
@@ -27,21 +27,23 @@ class ActorCritic(torch.nn.Module):
         logprobs = token_logprobs(logits, targets)
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
-        values = token_scores(self.critic, seq).gather(1, positions)
+        values = token_scores(self.critic, seq).gather(1, positions) if self.critic is not None else None
         return logprobs, values, entropy
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        return self.actor.flops_per_token(seq_len) + self.critic.flops_per_token(seq_len)
+        return sum(m.flops_per_token(seq_len) for m in (self.actor, self.critic) if m is not None)
 
 
 # --- the loss ----------------------------------------------------------------------------------------
 class PPOLoss:
-    """loss_fn for the engine: clipped policy loss + vf_coef · (clipped) value loss (+ ptx_coef · LM loss).
-    Returns None (skip) when the minibatch's largest importance ratio exceeds ratio_guard. Accumulates the
-    per-step statistics that `metrics()` hands to the engine's log."""
+    """loss_fn for the engine: clipped policy loss + vf_coef · (clipped) value loss (with a critic)
+    (+ β · KL(actor‖ref), GRPO's k3 estimate, with kl_penalty "loss") (+ ptx_coef · LM loss). Returns None
+    (skip) when the minibatch's largest importance ratio exceeds ratio_guard. Accumulates the per-step
+    statistics that `metrics()` hands to the engine's log."""
 
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
+        self.kl_coef = cfg.kl_coef  # β of the current iteration (the loop sets it: the controller may move it)
         self._acc: dict[str, float] = {}
         self._n = 0
         self.skipped = 0
@@ -58,15 +60,26 @@ class PPOLoss:
             self._add(ratio_max=ratio_max)
             return None
         pg, clipfrac, approx_kl = policy_loss(logprobs, mb.logprobs, mb.advantages, m, cfg.clip)
-        vl = value_loss(values, mb.values, mb.returns, m, cfg.value_clip)
-        loss = pg + cfg.vf_coef * vl
-        stats = dict(policy_loss=pg.item(), value_loss=vl.item(), clipfrac=clipfrac.item(), approx_kl=approx_kl.item(),
+        loss = pg
+        stats = dict(policy_loss=pg.item(), clipfrac=clipfrac.item(), approx_kl=approx_kl.item(),
                      entropy=masked_mean(entropy, m).item(), ratio_max=ratio_max)
+        if values is not None:
+            vl = value_loss(values, mb.values, mb.returns, m, cfg.value_clip)
+            loss = loss + cfg.vf_coef * vl
+            stats["value_loss"] = vl.item()
+        if cfg.kl_penalty == "loss":
+            kl = masked_mean(kl_per_token(logprobs, mb.ref_logprobs, cfg.kl_estimator), m)
+            loss = loss + self.kl_coef * kl
+            stats["kl_loss"] = kl.item()
         if ptx is not None:
             lm = unwrap(model).actor(*ptx)[1]
             loss = loss + cfg.ptx_coef * lm
             stats["ptx_loss"] = lm.item()
         with torch.no_grad():  # explained variance of the returns by the critic's values
+            if values is None:
+                self._add(**stats)
+                self._n += 1
+                return loss
             var = masked_mean((mb.returns - masked_mean(mb.returns, m)) ** 2, m)
             stats["explained_variance"] = (1 - masked_mean((mb.returns - values) ** 2, m) / var.clamp(min=1e-8)).item()
         self._add(**stats)

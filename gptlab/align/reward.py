@@ -30,7 +30,8 @@ import torch
 
 from gptlab.align.data import Preference, load_preferences, load_sft_examples
 from gptlab.align.losses import kwise_ranking_loss, ranking_accuracy
-from gptlab.chat.template import END, ensure_chat_tokens, render_ids
+from gptlab.chat.template import END, add_chat_tokens, render_ids
+from gptlab.stage.lora import attach, resolve_lora, resume_token_ids
 from gptlab.errors import GptlabError
 from gptlab.stage import (NO_DROPOUT, EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule,
                           single_process, split_heldout, unwrap)
@@ -255,7 +256,7 @@ def _reference_pairs(reference, heldout: list[Preference], train: list[Preferenc
 @writes_run_dir()
 def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = None, epochs: float = 1.0,
                  heldout_fraction: float = 0.1, train: dict | None = None, resume: bool = False, reference=None,
-                 dropout: bool = False, quiet: bool = False) -> dict:
+                 dropout: bool = False, quiet: bool = False, lora: dict | None = None) -> dict:
     """Train a reward model into `out_dir` from the SFT run `init_from` on preference `data` -> final metrics
     ("heldout_accuracy", "train_accuracy", "offset", "val_loss", "step", ...)."""
     st = begin(out_dir, "reward", resume)
@@ -269,15 +270,18 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
     train_idx, held_idx = split_heldout(len(prefs), heldout_fraction, cfg.seed)
     train_p, held_p = [prefs[i] for i in train_idx], [prefs[i] for i in held_idx]
 
+    lcfg = resolve_lora(st, lora)
     torch.manual_seed(cfg.seed)  # the head's init
+    new_tokens = resume_token_ids(st)
     if resume:
         tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         model = GPT(GPTConfig.from_dict(st.saved["model"]))
     else:
         model, tok = load_pretrained(init_from, {} if dropout else NO_DROPOUT)
-        tok = ensure_chat_tokens(tok, model)
+        tok, new_tokens = add_chat_tokens(tok, model)
         model.add_head("scalar", 1, head_pdrop=model.cfg.head_pdrop if dropout else 0.0)
     check_vocab(model.cfg, tok, "reward")
+    lora_section = attach(model, lcfg, new_tokens, quiet=quiet or resume)
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg.block_size = T
     train_s, n_trunc = encode_preferences(tok, train_p, T)
@@ -290,7 +294,8 @@ def train_reward(out_dir: str | Path, data, *, init_from: str | Path | None = No
                  "heldout_fraction": heldout_fraction, "n_train": len(train_s), "n_heldout": len(held_s),
                  "n_truncated": n_trunc + h_trunc, "max_iters_given": "max_iters" in given}
     init_cfg = st.saved.get("init") if resume else {"from": str(Path(init_from).resolve()), "weights": "sft"}
-    st.record(model.cfg, tok, stage="reward", train=cfg.to_dict(), reward_train=stage_cfg, init=init_cfg)
+    st.record(model.cfg, tok, stage="reward", train=cfg.to_dict(), reward_train=stage_cfg, init=init_cfg,
+              **({"lora": lora_section} if lora_section else {}))
     if not quiet:
         ks = sorted({len(p.responses) for p in prefs})
         print(f"reward model: {model.num_params() / 1e6:.2f}M parameters · scalar head read at {READ_AT} · context {T}")

@@ -28,9 +28,10 @@ from typing import NamedTuple
 import torch
 
 from gptlab.align.data import load_sft_examples
-from gptlab.chat.template import CHAT_TOKENS, ensure_chat_tokens, render_ids
+from gptlab.chat.template import CHAT_TOKENS, add_chat_tokens, ensure_chat_tokens, render_ids
 from gptlab.errors import GptlabError
 from gptlab.stage import EpochOrder, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule, split_heldout
+from gptlab.stage.lora import attach, resolve_lora, resume_token_ids
 from gptlab.stage.models import random_model
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab
@@ -125,7 +126,7 @@ def encode_all(tok: Tokenizer, convs: list[list[dict]], T: int) -> tuple[list[Sa
 def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epochs: float | None = None,
         pack: bool = False, val_fraction: float = 0.05, train: dict | None = None, resume: bool = False,
         skip_empty: bool = False, quiet: bool = False, preset_name: str | None = None,
-        tokenizer: str | Path | None = None, model_overrides: dict | None = None) -> dict:
+        tokenizer: str | Path | None = None, model_overrides: dict | None = None, lora: dict | None = None) -> dict:
     """Supervised fine-tuning into `out_dir` from the pretrained run `init_from` (or from random weights of
     `preset_name` with the tokenizer file `tokenizer`: an omni model trained on its chat data alone) ->
     final metrics (loss, val_loss, step, n_train, n_val, n_truncated, ...). `train` overrides TrainConfig keys."""
@@ -143,21 +144,26 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     pack, val_fraction = st.kept("pack", pack), st.kept("val_fraction", val_fraction)
     epochs = epochs if epochs is not None else st.section().get("epochs", EPOCHS)
     cfg, given = resolve_train(RECIPE, SFT_RECIPE, *st.train_layers(train or {}))
+    lcfg = resolve_lora(st, lora)
 
     convs = load_sft_examples(data, skip_empty=skip_empty)
     train_idx, val_idx = split_heldout(len(convs), val_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)  # the new embedding rows
+    new_tokens = resume_token_ids(st)
     if resume:
         tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         model = GPT(GPTConfig.from_dict(st.saved["model"]))
     elif init_from is not None:
         model, tok = load_pretrained(init_from)
-        tok = ensure_chat_tokens(tok, model)
+        tok, new_tokens = add_chat_tokens(tok, model)
     else:
+        if lcfg.enabled:
+            raise GptlabError("--lora.r adapts a pretrained model: give --from RUN_DIR, not --preset")
         tok = ensure_chat_tokens(load_tokenizer(tokenizer))
         model = random_model(preset_name, tok, model_overrides)
     check_vocab(model.cfg, tok, "sft")
+    lora_section = attach(model, lcfg, new_tokens, quiet=quiet or resume)
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg.block_size = T
     train_s, n_trunc, n_drop = encode_all(tok, [convs[i] for i in train_idx], T)
@@ -178,7 +184,8 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
         init_cfg = st.saved.get("init") if resume else (
             {"from": str(Path(init_from).resolve()), "weights": "pretrained"} if init_from is not None else
             {"weights": "random", "preset": preset_name, "tokenizer": str(Path(tokenizer).resolve())})
-        st.record(model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg)
+        st.record(model.cfg, tok, stage="sft", train=cfg.to_dict(), sft=stage_cfg, init=init_cfg,
+                  **({"lora": lora_section} if lora_section else {}))
         if not quiet:
             print(f"sft: {model.num_params() / 1e6:.2f}M parameters · context {T} · chat tokens {' '.join(CHAT_TOKENS)}")
             print(f"data: {n_examples:,} train / {len(val_s):,} val conversations"

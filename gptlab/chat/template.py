@@ -56,14 +56,20 @@ JINJA_TEMPLATE = (
 Message = dict[str, Any]
 
 
-def ensure_chat_tokens(tokenizer: Tokenizer, model=None) -> Tokenizer:
-    """Return a tokenizer that has the chat tokens (``tokenizer`` itself if it already does); with a
-    model, grow its embeddings when the tokenizer now has more ids than the model has rows."""
-    if not all(t in tokenizer.special_tokens for t in CHAT_TOKENS):
+def add_chat_tokens(tokenizer: Tokenizer, model=None) -> tuple[Tokenizer, list[int]]:
+    """-> (a tokenizer that has the chat tokens, the ids it added: rows never trained, which LoRA trains as
+    token rows). With a model, grow its embeddings when the tokenizer now has more ids than it has rows."""
+    new = [t for t in CHAT_TOKENS if t not in tokenizer.special_tokens]
+    if new:
         tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
     if model is not None and model.cfg.vocab_size < tokenizer.vocab_size:
         model.resize_token_embeddings(tokenizer.vocab_size)
-    return tokenizer
+    return tokenizer, [tokenizer.special_tokens[t] for t in new]
+
+
+def ensure_chat_tokens(tokenizer: Tokenizer, model=None) -> Tokenizer:
+    """`add_chat_tokens` without the added ids."""
+    return add_chat_tokens(tokenizer, model)[0]
 
 
 def validate_messages(messages: Sequence[Message]) -> None:

@@ -36,13 +36,16 @@ def cmd_finetune(a) -> None:
     from gptlab.model import GPTConfig
     from gptlab.train.config import TrainConfig
 
-    y = read_config(a.config, ("model", "train"))
+    from gptlab.stage.lora import LoRAConfig
+
+    y = read_config(a.config, ("model", "train", "lora"))
     if not a.out:
         raise GptlabError("finetune needs --out (the run dir to write)")
     finetune(a.out, a.data, task=a.task, init_from=a.init_from, init=a.init, preset_name=a.preset,
              tokenizer=a.tokenizer, dev=a.dev, dev_fraction=a.dev_fraction, fields=_fields(a), lm_coef=a.lm_coef,
              epochs=a.epochs, model_overrides=section_layer(a, y, GPTConfig, "model"),
-             train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume)
+             train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume,
+             lora=section_layer(a, y, LoRAConfig, "lora"))
 
 
 def add_finetune_parser(sub) -> argparse.ArgumentParser:
@@ -75,6 +78,9 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with model: {...} and train: {...} sections")
     add_dataclass_args(p, TrainConfig, "train")
     add_dataclass_args(p, GPTConfig, "model")
+    from gptlab.stage.lora import add_lora_args
+
+    add_lora_args(p)
     p.set_defaults(func=cmd_finetune)
     return p
 

@@ -29,6 +29,7 @@ from gptlab.finetune.tasks import TASK_TOKENS, add_task_tokens, encode_examples
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab
 from gptlab.stage import EpochOrder, Start, begin, eval_subsets, fit, load_pretrained, resolve_train, schedule
+from gptlab.stage.lora import attach, resolve_lora, resume_token_ids
 from gptlab.stage.models import random_model
 from gptlab.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from gptlab.train import distributed as D
@@ -212,11 +213,12 @@ def _plan(st: Start, data, task, dev, dev_fraction, fields, lm_coef, epochs, ini
 
 
 def _start_model(st: Start, plan: Plan, labels, texts, init_from, init, preset_name, tokenizer, model_overrides,
-                 quiet) -> tuple[GPT, Tokenizer, str]:
-    """The model (with the task tokens and head) and tokenizer: resumed, pretrained, or a random init."""
+                 quiet) -> tuple[GPT, Tokenizer, str, list[int]]:
+    """The model (with the task tokens and head), tokenizer, origin and the token ids it added: resumed,
+    pretrained, or a random init."""
     if st.resume:
         tok = load_tokenizer(st.out / st.saved.get("tokenizer", TOKENIZER_FILE))
-        return GPT(GPTConfig.from_dict(st.saved["model"])), tok, f"resumed {st.out}"
+        return GPT(GPTConfig.from_dict(st.saved["model"])), tok, f"resumed {st.out}", resume_token_ids(st)
     if init_from is not None:
         model, tok = load_pretrained(init_from, model_overrides)
         origin = f"pretrained run {init_from}"
@@ -225,9 +227,9 @@ def _start_model(st: Start, plan: Plan, labels, texts, init_from, init, preset_n
     else:  # char / bpe:N are built from train + dev texts (no labels), so a char vocabulary covers dev too
         tok = build_tokenizer(tokenizer, texts(), progress=not quiet)
         model, origin = random_model(preset_name, tok, model_overrides), f"random init, preset {preset_name}, tokenizer {tokenizer}"
-    tok, _ = add_task_tokens(tok, model)
+    tok, new_ids = add_task_tokens(tok, model)
     model.add_head(HEAD_OF_TASK[plan.task], len(labels) if labels else 1, model.cfg.head_pdrop)
-    return model, tok, origin
+    return model, tok, origin, new_ids
 
 
 def _report(model, origin, plan: Plan, cfg: TrainConfig, labels, n_train: int, n_dev: int, T: int, world: int, device):
@@ -246,7 +248,7 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
              tokenizer: str = "gpt2", dev: str | Path | None = None, dev_fraction: float | None = None,
              fields: Fields | None = None, lm_coef: float | None = None, epochs: float | None = None,
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, lora: dict | None = None) -> dict:
     """Fine-tune into `out_dir`: from a pretrained run (`init_from`) or a random `preset_name` model
     (`init="random"`, with `tokenizer`: gpt2 | char | bpe:N trained on the training texts | a path).
     Both `init_from` and `init="random"`: the run's architecture and tokenizer with random weights (the
@@ -267,8 +269,13 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
 
     torch.manual_seed(cfg.seed)  # same init (new embedding rows, head) on every rank
     texts = lambda: [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]  # noqa: E731
-    model, tok, origin = _start_model(st, plan, labels, texts, init_from, init, preset_name, tokenizer, model_overrides, quiet)
+    lcfg = resolve_lora(st, lora)
+    if lcfg.enabled and not st.resume and (init_from is None or init == "random"):
+        raise GptlabError("--lora.r adapts pretrained weights: give --from RUN_DIR (without --init random)")
+    model, tok, origin, new_ids = _start_model(st, plan, labels, texts, init_from, init, preset_name, tokenizer,
+                                               model_overrides, quiet)
     check_vocab(model.cfg, tok, "finetune")
+    lora_section = attach(model, lcfg, new_ids, quiet=quiet or st.resume)
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
     cfg = dataclasses.replace(cfg, block_size=T)
     train_seqs, dev_seqs = encode_examples(plan.task, train_ex, tok, T), encode_examples(plan.task, dev_ex, tok, T)
@@ -284,7 +291,8 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
                          task={"type": plan.task, "fields": fields.to_dict(), "labels": labels, "lm_coef": plan.lm_coef,
                                "epochs": plan.epochs, "n_train": len(train_ex), "n_dev": len(dev_ex)},
                          data={"train": str(Path(plan.data).resolve()), "dev": str(Path(plan.dev).resolve()) if plan.dev else None,
-                               "dev_fraction": 0.0 if plan.dev else plan.dev_fraction})
+                               "dev_fraction": 0.0 if plan.dev else plan.dev_fraction},
+                         **({"lora": lora_section} if lora_section else {}))
         if not quiet:
             _report(model, origin, plan, cfg, labels, len(train_ex), len(dev_ex), T, info.world, device)
     D.barrier(info)

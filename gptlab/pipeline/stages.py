@@ -148,7 +148,8 @@ def _sft(ctx: Ctx, c: dict, resume: bool) -> dict:
     from gptlab.align.sft import sft
 
     r = sft(ctx.dir("sft"), str(_sft_data(ctx)), init_from=ctx.dir("pretrain"), epochs=c.get("epochs"),
-            pack=c.get("pack", False), train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume)
+            pack=c.get("pack", False), train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume,
+            lora=c.get("lora"))
     return {k: r[k] for k in ("val_loss", "loss", "step", "n_train", "n_val") if k in r}
 
 
@@ -157,7 +158,7 @@ def _reward(ctx: Ctx, c: dict, resume: bool) -> dict:
 
     r = train_reward(ctx.dir("reward"), str(_pref_data(ctx)), init_from=ctx.dir("sft"), epochs=c.get("epochs", 1.0),
                      heldout_fraction=c.get("heldout_fraction", 0.1),
-                     train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume)
+                     train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume, lora=c.get("lora"))
     return {k: r[k] for k in ("heldout_accuracy", "train_accuracy", "offset", "step") if k in r}
 
 
@@ -168,7 +169,7 @@ def _ppo(ctx: Ctx, c: dict, resume: bool) -> dict:
     use_judge = c.get("reward") == "judge"  # PPO straight against the programmatic judge, no reward model
     r = ppo(ctx.dir("ppo"), str(c.get("prompts") or ctx.synth("prompts")), actor_from=ctx.dir("sft"),
             reward_from=None if use_judge else ctx.dir("reward"), reward_fn=judge_rewards if use_judge else None,
-            config={"seed": ctx.cfg.seed, **(c.get("config") or {})}, resume=resume)
+            config={"seed": ctx.cfg.seed, **(c.get("config") or {})}, resume=resume, lora=c.get("lora"))
     return {k: r[k] for k in ("reward_before", "reward_after", "kl_after", "kl_before", "iterations", "step",
                               "ended_before", "ended_after", "samples_before", "samples_after") if k in r}
 
@@ -177,7 +178,8 @@ def _dpo(ctx: Ctx, c: dict, resume: bool) -> dict:
     from gptlab.align.dpo import dpo
 
     r = dpo(ctx.dir("dpo"), str(_pref_data(ctx)), init_from=ctx.dir("sft"), beta=c.get("beta", 0.1),
-            epochs=c.get("epochs", 1.0), train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume)
+            epochs=c.get("epochs", 1.0), train={"seed": ctx.cfg.seed, **(c.get("train") or {})}, resume=resume,
+            lora=c.get("lora"))
     return {k: r[k] for k in ("heldout_reward_accuracy", "heldout_margin", "step") if k in r}
 
 

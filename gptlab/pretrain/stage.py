@@ -15,7 +15,8 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.run import check_vocab
 from gptlab.sample import sample
-from gptlab.stage import begin, fit
+from gptlab.stage import begin, fit, load_pretrained
+from gptlab.stage.lora import attach, resolve_lora, resume_token_ids
 from gptlab.stage.models import build_model_config
 from gptlab.tokenizer import TOKENIZER_FILE, load_tokenizer
 from gptlab.train import distributed as D
@@ -48,11 +49,24 @@ def _check_same_model(saved: GPTConfig, preset_name: str | None, overrides: dict
 @writes_run_dir()
 def pretrain(data_dir: str, out_dir: str, preset_name: str | None = None, recipe: str = "nanogpt",
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, init_from: str | Path | None = None, lora: dict | None = None) -> dict:
+    """Pretrain a `preset_name` model from random weights, or continue pretraining the run `init_from` (its
+    weights, architecture and tokenizer; with `lora`, adapters over its frozen weights) on `data_dir`."""
     data = TokenData(data_dir)
     tok = data.tokenizer()
     st = begin(out_dir, "pretrain", resume)
-    out = st.out
+    out, init_from = st.out, st.init_from(init_from)
+    lcfg = resolve_lora(st, lora)
+    start = None
+    if init_from is not None and not resume:
+        if preset_name or model_overrides:
+            raise GptlabError("--from continues a run's model: --preset and --model.* do not apply")
+        start, run_tok = load_pretrained(init_from)
+        if run_tok.to_dict() != tok.to_dict():
+            raise GptlabError(f"{data_dir} was not tokenized with {init_from}'s tokenizer; prepare it with "
+                              f"--tokenizer {Path(init_from) / TOKENIZER_FILE}")
+    elif lcfg.enabled and not resume:
+        raise GptlabError("--lora.r adapts pretrained weights: continue a run with --from RUN_DIR")
     if resume:  # the saved run config wins for the model; train keys may be changed (e.g. more steps)
         saved_tok = load_tokenizer(out / st.saved.get("tokenizer", TOKENIZER_FILE))
         if saved_tok.to_dict() != tok.to_dict():
@@ -61,6 +75,8 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str | None = None, recipe
         model_cfg = GPTConfig.from_dict(st.saved["model"])
         recipe = st.saved.get("train", {}).get("recipe", recipe)
         _check_same_model(model_cfg, preset_name, model_overrides or {}, out)
+    elif start is not None:
+        model_cfg = start.cfg
     else:
         model_cfg = build_model_config(preset_name or DEFAULT_PRESET, model_overrides or {}, tok.vocab_size)
         if model_cfg.head:
@@ -79,12 +95,17 @@ def pretrain(data_dir: str, out_dir: str, preset_name: str | None = None, recipe
     _warn_if_schedule_outlasts_run(cfg, T)
     info, device = D.init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # same init on every rank
-    model = GPT(model_cfg).to(device)
+    model = start if start is not None else GPT(model_cfg)
+    lora_section = attach(model, lcfg, resume_token_ids(st), quiet=quiet or resume or not info.is_main)
+    model = model.to(device)
     if info.is_main:
+        init = st.saved.get("init") if resume else ({"from": str(Path(init_from).resolve()), "weights": "pretrained"}
+                                                     if init_from is not None else None)
         st.record(model_cfg, tok, stage="pretrain", train=cfg.to_dict(),
-                  data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size})
+                  data={"dir": str(Path(data_dir).resolve()), "vocab_size": data.vocab_size},
+                  **({"init": init} if init else {}), **({"lora": lora_section} if lora_section else {}))
         if not quiet:
-            origin = ("resumed run" if resume else
+            origin = ("resumed run" if resume else f"continued from {init_from}" if init_from else
                       f"preset {preset_name or DEFAULT_PRESET}" + (" + overrides" if model_overrides else ""))
             print(f"model: {origin} · {model.num_params() / 1e6:.2f}M parameters · "
                   f"{model_cfg.n_layer} layers × {model_cfg.n_embd} · context {model_cfg.block_size} · "

@@ -1,4 +1,4 @@
-"""`gptlab info RUN_DIR`: describe a run directory."""
+"""`gptlab info RUN_DIR`: describe a run directory. `gptlab lora merge`: a base run + a LoRA adapter -> a run."""
 
 from __future__ import annotations
 
@@ -24,7 +24,22 @@ def cmd_info(a) -> None:
         print(f"  fine-tuned task: {task.get('type')} · labels {task.get('labels')} · λ {task.get('lm_coef')}")
 
 
+def cmd_lora_merge(a) -> None:
+    from gptlab.run.adapter import merge_adapter
+
+    out = merge_adapter(a.adapter, a.base, a.out)
+    print(f"merged {a.adapter} into {a.base}: {out} (try: gptlab chat {out})")
+
+
 def register(sub) -> None:
+    lo = sub.add_parser("lora", help="LoRA adapters: merge one into its base model")
+    lsub = lo.add_subparsers(dest="lora_cmd", required=True)
+    m = lsub.add_parser("merge", help="base run + adapter -> a run dir with the merged weights (W + (α/r)·B·A)")
+    m.add_argument("adapter", help="a LoRA run directory (trained with --lora.r), or a PEFT adapter directory")
+    m.add_argument("--base", required=True, help="the run the adapter was trained over")
+    m.add_argument("--out", required=True, help="run directory to write")
+    m.set_defaults(func=cmd_lora_merge)
+
     i = sub.add_parser("info", help="describe a run directory")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true")

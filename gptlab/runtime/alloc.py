@@ -29,3 +29,14 @@ def tune_cpu_allocator() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     _done = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     return _done
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far, MiB: the GPU's allocated peak on CUDA, this process's peak resident set on a CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -54,7 +54,7 @@ class Server:
 
     def __init__(self, run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name,
                  max_body_bytes, moderation_action, moderation_label, moderation_threshold, prefix_cache_mb=0,
-                 draft=None, speculative_tokens=4, chat_template=None):
+                 draft=None, speculative_tokens=4, chat_template=None, lora=()):
         self.run_dir = Path(run_dir)
         self.model_name = model_name or self.run_dir.resolve().name
         self.keys = [k.encode() for k in api_keys_from_env(api_keys)]
@@ -65,6 +65,7 @@ class Server:
         self.mod_opts = (moderation_action, moderation_label, moderation_threshold)
         self.prefix_cache_mb, self.draft, self.speculative_tokens = prefix_cache_mb, draft, speculative_tokens
         self.chat_template, self.jinja = chat_template, None  # a Jinja template given, or the run's own
+        self.lora, self.adapters = list(lora), None  # [(name, dir)] served over the base; the AdapterBank
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.moderator: Moderator | None = None
@@ -82,6 +83,10 @@ class Server:
                 m = Moderator.from_paths(m, *self.mod_opts)
             self.moderator = m
             run = load_run(self.run_dir, self.device)
+            if self.lora:  # before the generator converts the dtype: the stacked adapters convert with it
+                from gptlab.serve.adapters import install_adapters
+
+                self.adapters = install_adapters(run.model, self.lora)
             self.tok, self.ctx = run.tokenizer, run.model.cfg.block_size
             self.chat_ok = all(t in self.tok.special_tokens for t in CHAT_TOKENS)
             self.chat_stop_ids = tuple(self.tok.special_tokens[t] for t in CHAT_TOKENS) if self.chat_ok else ()
@@ -97,7 +102,7 @@ class Server:
             prefix = PrefixCache(max_bytes=self.prefix_cache_mb << 20) if self.prefix_cache_mb > 0 else None
             spec = self._speculator(run) if self.draft else None
             self.engine = Engine(gen, self.metrics, self.max_batch, self.max_queue, self.moderator, prefix=prefix,
-                                 spec=spec)
+                                 spec=spec, adapters=self.adapters)
             self.engine.start()
             self.status = "ready"
             log.info("loaded %s (%s, context %d) in %.1f s", self.run_dir, self.model_name, self.ctx,
@@ -162,13 +167,19 @@ class Server:
             raise APIError(413, f"request body too large (limit {self.max_body} bytes)", code="body_too_large")
         return parse_json(b"".join(chunks))
 
-    def check_model(self, body: dict, required: bool = True) -> None:
+    def check_model(self, body: dict, required: bool = True) -> int:
+        """The request's model -> 0 (the base) or the index of the LoRA adapter it names; else a 404."""
         model = body.get("model")
         if model is None and not required:
-            return
-        if isinstance(model, str) and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
+            return 0
+        if not isinstance(model, str) or model == self.model_name:
+            return 0
+        k = next((i for i, (name, _) in enumerate(self.lora, start=1) if name == model), None)
+        if k is None:
+            served = ", ".join(f"'{n}'" for n in [self.model_name, *(n for n, _ in self.lora)])
+            raise APIError(404, f"The model '{model}' does not exist (this server serves {served})",
                            param="model", code="model_not_found")
+        return k
 
     def chat_ids(self, msgs: list[dict], generation_prompt: bool = True, continue_final: bool = False,
                  tools: list[dict] | None = None) -> list[int]:
@@ -240,14 +251,15 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
                moderation_action: str = "redact", moderation_label: str | None = None,
                moderation_threshold: float = 0.5, cors_origins: tuple[str, ...] = (),
                prefix_cache_mb: int = 1024, draft=None, speculative_tokens: int = 4,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, lora: list[tuple[str, str]] | None = None) -> FastAPI:
     """The server app for a run directory. `moderation`: None, a Moderator, or blocklist file / classifier
     run-dir path(s). API keys: `api_keys` plus the comma-separated GPTLAB_API_KEYS variable. `cors_origins`:
     web origins whose pages may call the API from a browser (none by default). `prefix_cache_mb`: memory for
     reused prompt-prefix KV (0: off). `draft`: a smaller run with the same tokenizer that drafts
     `speculative_tokens` tokens a round for speculative decoding. `chat_template`: a Jinja chat template (its
     text, or a file holding it) used instead of gptlab's; by default a run without gptlab's chat tokens uses
-    the template it was imported with (chat_template.jinja), if any."""
+    the template it was imported with (chat_template.jinja), if any. `lora`: [(name, adapter dir)] served over
+    the run, each chosen by a request's `model` field, rows of different adapters in one batch."""
     if max_batch < 1 or max_queue < 1:
         raise GptlabError("max_batch and max_queue must be ≥ 1")
     if not 1 <= speculative_tokens <= 16:
@@ -262,9 +274,14 @@ def create_app(run_dir, *, api_keys=(), max_batch: int = 32, max_queue: int = 64
         from gptlab.run import read_run_config
 
         read_run_config(draft)  # a wrong path is a one-line error now, not a failed background load
+    lora = list(lora or ())
+    if lora:  # an unreadable adapter is a one-line error now, not a failed background load
+        from gptlab.serve.adapters import check_adapters
+
+        check_adapters(lora)
     srv = Server(run_dir, api_keys, max_batch, max_queue, moderation, dtype, device, model_name, max_body_bytes,
                  moderation_action, moderation_label, moderation_threshold, prefix_cache_mb, draft,
-                 speculative_tokens, chat_template)
+                 speculative_tokens, chat_template, lora)
 
     async def lifespan(app):
         threading.Thread(target=srv.load, name="gptlab-load", daemon=True).start()
@@ -327,16 +344,19 @@ def _info_routes(app: FastAPI, srv: Server) -> None:
                 "max_model_len": getattr(srv, "ctx", None),
                 "modalities": sorted(model_modalities(srv.tok)) if getattr(srv, "tok", None) else ["text"]}
 
+    def adapter_card(name: str) -> dict:  # as vLLM lists its LoRA modules: the base they adapt is the parent
+        return {**model_card(), "id": name, "parent": srv.model_name}
+
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         srv.authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *(adapter_card(n) for n, _ in srv.lora)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: HTTPRequest):
         srv.authorize(request)
-        srv.check_model({"model": model_id})
-        return model_card()
+        k = srv.check_model({"model": model_id})
+        return adapter_card(model_id) if k else model_card()
 
 
 def _generation_routes(app: FastAPI, srv: Server) -> None:
@@ -355,7 +375,7 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
     srv.authorize(request)
     srv.ready()
     body = await srv.body(request)
-    srv.check_model(body)
+    adapter = srv.check_model(body)
     tools = None
     if kind == "chat":
         check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
@@ -376,6 +396,7 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
     spec = await asyncio.to_thread(parse_request, body, kind, encode, srv.ctx, srv.max_batch, srv.tok.vocab_size)
     spec.grammar = await asyncio.to_thread(request_grammar, body, tools)  # a large schema compiles for a while
     spec.tools = tools if tools is not None and tools.choice != "none" else None
+    spec.adapter = adapter
     if kind == "chat":  # the media the reply may hold: the grammar allows exactly those spans
         media, spec.audio_format = output_modalities(body, srv.tok)
         spec.params = dataclasses.replace(spec.params, modalities=("text", *media))
@@ -385,7 +406,7 @@ async def _generate(srv: Server, request: HTTPRequest, kind: str):
                             "token logprobs would show", param="logprobs", code="logprobs_not_supported")
     await srv.moderate_input(spec.prompt_texts)
     req = srv.engine.submit(spec, asyncio.get_running_loop())
-    fmt = Formatter(req, srv.tok, srv.model_name)
+    fmt = Formatter(req, srv.tok, body["model"] if adapter else srv.model_name)
     if spec.stream:
         return CancellingStream(sse(req, fmt), lambda: srv.engine.cancel(req), media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,6 +9,7 @@ from gptlab.config import add_dtype_arg
 
 def cmd_serve(a) -> None:
     from gptlab.serve import serve
+    from gptlab.serve.adapters import parse_lora_args
 
     mod = a.moderation or None
     serve(a.run_dir, host=a.host, port=a.port, log_level=a.log_level, api_keys=tuple(a.api_key or ()),
@@ -16,7 +17,7 @@ def cmd_serve(a) -> None:
           model_name=a.model_name, moderation_action=a.moderation_action, moderation_label=a.moderation_label,
           moderation_threshold=a.moderation_threshold, cors_origins=tuple(a.cors_origin or ()),
           prefix_cache_mb=a.prefix_cache_mb, draft=a.draft, speculative_tokens=a.speculative_tokens,
-          chat_template=a.chat_template)
+          chat_template=a.chat_template, lora=parse_lora_args(a.lora))
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="speculative decoding: a smaller run with the same tokenizer drafts tokens that the model "
                         "verifies in one pass (greedy output unchanged, sampling distributed as without)")
     p.add_argument("--speculative-tokens", type=int, default=4, help="tokens the draft proposes a round [default: 4]")
+    p.add_argument("--lora", action="append", metavar="NAME=DIR",
+                   help="serve a LoRA adapter (a run trained with --lora.r, or a PEFT adapter dir) over the run as "
+                        "model NAME (repeatable); requests for different adapters share one batch")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p

@@ -50,8 +50,11 @@ def embedding_inputs(body: dict, tok, ctx: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def embed(model, inputs: list[list[int]], device) -> np.ndarray:
-    """(N, C) float32, each row the L2-normalised mean of its input's final hidden states."""
+def embed(model, inputs: list[list[int]], device, adapters=None, adapter: int = 0) -> np.ndarray:
+    """(N, C) float32, each row the L2-normalised mean of its input's final hidden states (under the LoRA
+    adapter `adapter` of the bank `adapters`, when given)."""
+    if adapters is not None:
+        adapters.route([adapter])
     rows = []
     for ids in inputs:
         h = model.hidden(torch.tensor([ids], device=device))[0].float()  # (T, C)
@@ -67,7 +70,7 @@ def add_embedding_routes(app: FastAPI, srv) -> None:
         srv.authorize(request)
         srv.ready()
         body = await srv.body(request)
-        srv.check_model(body)
+        adapter = srv.check_model(body)
         check_fields(body, FIELDS, "/v1/embeddings")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
@@ -77,10 +80,11 @@ def add_embedding_routes(app: FastAPI, srv) -> None:
             raise APIError(400, f"this model's embeddings have {width} dimensions", param="dimensions")
         inputs = await asyncio.to_thread(embedding_inputs, body, srv.tok, srv.ctx)
         async with lock:
-            vecs = await asyncio.to_thread(embed, srv.engine.gen.model, inputs, srv.engine.gen.device)
+            vecs = await asyncio.to_thread(embed, srv.engine.gen.model, inputs, srv.engine.gen.device, srv.adapters,
+                                           adapter)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
                 for i, v in enumerate(vecs)]
         n = sum(len(x) for x in inputs)
-        return {"object": "list", "data": data, "model": srv.model_name,
+        return {"object": "list", "data": data, "model": body["model"] if adapter else srv.model_name,
                 "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -78,7 +78,7 @@ class Row:
     def __init__(self, req: Request, index: int, prompt: list[int], tok, device, moderator):
         spec, p = req.spec, req.spec.params
         seed = (p.seed + index % spec.n) % 2 ** 63 if p.seed is not None else secrets.randbits(63)
-        self.req, self.index, self.prompt = req, index, prompt
+        self.req, self.index, self.prompt, self.adapter = req, index, prompt, spec.adapter
         eot = tok.eot_id
         omni = isinstance(tok, OmniTokenizer)
         self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {eot})
@@ -99,8 +99,9 @@ class Row:
 class Engine:
     def __init__(self, generator: Generator, metrics: Metrics, max_batch: int = 32, max_queue: int = 64,
                  moderator: Moderator | None = None, prefill_tokens: int = 4096, prefix: PrefixCache | None = None,
-                 spec: Speculator | None = None):
+                 spec: Speculator | None = None, adapters=None):
         self.gen, self.metrics, self.moderator, self.prefix, self.spec = generator, metrics, moderator, prefix, spec
+        self.adapters = adapters  # gptlab.serve.adapters.AdapterBank: each row's LoRA adapter, or None
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.tok, self.eot, self.vocab = generator.tok, generator.tok.eot_id, generator.tok.vocab_size
         self.cv = threading.Condition()
@@ -198,13 +199,14 @@ class Engine:
         each) and merge them into the batch."""
         new_rows = [Row(q, j * q.spec.n + k, p, self.tok, self.gen.device, self.moderator)
                     for q in reqs for j, p in enumerate(q.spec.prompts) for k in range(q.spec.n)]
-        unique: dict[tuple, int] = {}
+        unique: dict[tuple, int] = {}  # (adapter, prompt): the same prompt under two adapters is two rows
         for r in new_rows:
-            unique.setdefault(tuple(r.prompt), len(unique))
-        prompts = [list(p) for p in unique]
+            unique.setdefault((r.adapter, *r.prompt), len(unique))
+        prompts = [list(p[1:]) for p in unique]
+        adapter_of = [p[0] for p in unique]
         echo = {tuple(p) for q in reqs if q.spec.echo and q.spec.logprobs is not None for p in q.spec.prompts}
-        hits = [self.prefix.lookup(p) if self.prefix is not None and tuple(p) not in echo else (0, [])
-                for p in prompts]  # an echoed prompt needs every token's logits: no reuse
+        hits = [self.prefix.lookup(p, a) if self.prefix is not None and tuple(p) not in echo else (0, [])
+                for p, a in zip(prompts, adapter_of)]  # an echoed prompt needs every token's logits: no reuse
         B, P = len(prompts), max(len(p) for p in prompts)
         S = max(len(p) - c for p, (c, _) in zip(prompts, hits))  # slots to prefill: the longest uncached tail
         room = max(r.req.spec.params.max_new_tokens for r in new_rows)
@@ -218,16 +220,17 @@ class Engine:
             if c:  # copied in; a row whose tail is shorter than S recomputes some cached slots (same values)
                 cache.write_row(i, int(pad[i]), torch.cat([b.kv for b in blocks], dim=3))
         cache.length = P - S
+        self._route(adapter_of)
         h = self.gen.model.hidden(x.to(self.gen.device), cache=cache)  # (B, S, C)
         logits = self.gen._logits(h)  # (B, V)
         if self.prefix is not None:
             for i, p in enumerate(prompts):
-                self.prefix.insert(p, lambda a, b, i=i: cache.read_row(i, a, b))
+                self.prefix.insert(p, lambda a, b, i=i: cache.read_row(i, a, b), adapter_of[i])
         self.metrics.add_cached_tokens(sum(c for c, _ in hits))
         for q in reqs:  # lm-eval's scoring call: the prompt's own logprobs, from the same forward pass
             if q.spec.echo and q.spec.logprobs is not None:
-                q.prompt_logprobs = [prompt_logprobs(h[unique[tuple(p)], S - len(p):], p, q.spec.logprobs, self.tok,
-                                                     self.gen._logits)
+                q.prompt_logprobs = [prompt_logprobs(h[unique[(q.spec.adapter, *p)], S - len(p):], p, q.spec.logprobs,
+                                                     self.tok, self.gen._logits)
                                      for p in q.spec.prompts]
         self.metrics.add_prompt_tokens(sum(len(p) - c for p, (c, _) in zip(prompts, hits)))
         drafted = None
@@ -236,7 +239,7 @@ class Engine:
             for i, p in enumerate(prompts):
                 full[i, P - len(p):] = torch.tensor(p)
             drafted = self.spec.prefill(full, pad, P + room)
-        expand = torch.tensor([unique[tuple(r.prompt)] for r in new_rows], device=self.gen.device)
+        expand = torch.tensor([unique[(r.adapter, *r.prompt)] for r in new_rows], device=self.gen.device)
         if B != len(new_rows):  # n > 1 or repeated prompts: copy the prefilled rows
             for c in (cache, drafted) if drafted is not None else (cache,):
                 c.reorder(expand.to(c.device))
@@ -255,6 +258,11 @@ class Engine:
             self.spec.merge(drafted, need)
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + new_rows
+
+    def _route(self, adapters: list[int]) -> None:
+        """The LoRA adapter of each row of the next forwards (the base for all without --lora)."""
+        if self.adapters is not None:
+            self.adapters.route(adapters)
 
     def _compact(self, force: bool = False) -> None:
         """Drop dead rows from the cache: always when forced, else once a quarter of the rows are dead."""
@@ -295,6 +303,7 @@ class Engine:
             return
         self._compact()
         feed = torch.tensor([r.last for r in self.rows], device=self.gen.device)
+        self._route([r.adapter for r in self.rows])
         if self.spec is None:
             self.logits = self.gen._step(self.cache, feed)
         else:

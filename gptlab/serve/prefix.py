@@ -33,17 +33,17 @@ class PrefixCache:
         self.blocks: OrderedDict[tuple, Block] = OrderedDict()  # LRU order: oldest first
         self.bytes = 0
 
-    def _keys(self, tokens: list[int], n_blocks: int):
-        key = None
+    def _keys(self, tokens: list[int], n_blocks: int, ns: int = 0):
+        key = None if not ns else ("adapter", ns)  # a LoRA adapter's KV is its own: one chain per adapter
         for i in range(n_blocks):
             key = (key, tuple(tokens[i * self.block:(i + 1) * self.block]))
             yield key
 
-    def lookup(self, tokens: list[int]) -> tuple[int, list[Block]]:
+    def lookup(self, tokens: list[int], ns: int = 0) -> tuple[int, list[Block]]:
         """The longest cached prefix of `tokens` that leaves at least one token to prefill (its logits
         start the reply) -> (its length, its blocks in order)."""
         found = []
-        for key in self._keys(tokens, (len(tokens) - 1) // self.block):
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block, ns):
             b = self.blocks.get(key)
             if b is None:
                 break
@@ -51,11 +51,11 @@ class PrefixCache:
             found.append(b)
         return len(found) * self.block, found
 
-    def insert(self, tokens: list[int], read_kv) -> None:
+    def insert(self, tokens: list[int], read_kv, ns: int = 0) -> None:
         """Store the full blocks of `tokens` not stored yet; read_kv(a, b) -> (n_layer, 2, H, b - a, D), the
         sequence's KV for tokens a..b-1."""
         parent = None
-        for i, key in enumerate(self._keys(tokens, len(tokens) // self.block)):
+        for i, key in enumerate(self._keys(tokens, len(tokens) // self.block, ns)):
             b = self.blocks.get(key)
             if b is None:
                 b = Block(key, read_kv(i * self.block, (i + 1) * self.block).clone())

@@ -146,6 +146,7 @@ class GenSpec:
     continuous_usage: bool = False   # usage so far in every stream chunk
     grammar: str | None = None       # structured output / forced tool calls: an llguidance grammar
     tools: object = None             # gptlab.serve.structured.Tools: the reply's calls are read back
+    adapter: int = 0                 # the LoRA adapter the `model` field chose (0: the base)
 
 
 def check_fields(body: dict, known: set[str], endpoint: str) -> None:

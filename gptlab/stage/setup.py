@@ -104,10 +104,14 @@ def schedule(cfg: TrainConfig, given: set[str], n_train: int, epochs: float, war
 def fit(model: torch.nn.Module, cfg: TrainConfig, st: Start, batch_fn, *, info: D.DistInfo, **trainer_kw) -> dict:
     """Train with the one engine in the stage's run dir (resuming if it resumes; its new config recorded
     with the first checkpoint); the process group is released on any exit."""
+    from gptlab.stage.lora import lora_hooks
     from gptlab.train.engine import Trainer
 
     try:
-        return Trainer(model, cfg, st.out, batch_fn, dist_info=info, resume=st.resume, on_checkpoint=st.on_checkpoint,
-                       **trainer_kw).fit()
+        hooks = lora_hooks(model, st.out, st.on_checkpoint)
+        if hooks and info.enabled and cfg.distributed == "fsdp":
+            raise GptlabError("LoRA trains under DDP (--train.distributed ddp): its frozen base is not sharded")
+        hooks.setdefault("on_checkpoint", st.on_checkpoint)
+        return Trainer(model, cfg, st.out, batch_fn, dist_info=info, resume=st.resume, **hooks, **trainer_kw).fit()
     finally:
         D.cleanup(info)

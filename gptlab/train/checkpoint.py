@@ -2,6 +2,9 @@
 optimizer state, RNG states), JSON for everything else, atomic writes.
 
   checkpoints/step_0000500/ model.safetensors, optimizer.safetensors (+ RNG states), state.json
+                            FSDP: dcp/ instead of the weights and optimizer state: torch.distributed.checkpoint
+                            shards written by every rank (nothing gathered), readable by any number of
+                            processes; optimizer.safetensors keeps the RNG states
   latest.json               which checkpoint --resume continues from
 
 A checkpoint directory is written under a temporary name and renamed into place, and latest.json is
@@ -20,6 +23,8 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.fileio import atomic_write, atomic_write_json, read_json, save_tensors
 from gptlab.run.format import LATEST_FILE, MODEL_FILE, read_safetensors
+
+DCP_DIR = "dcp"  # a sharded (FSDP) checkpoint's torch.distributed.checkpoint folder
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,24 +75,35 @@ class CheckpointManager:
         self.run_dir, self.keep_last = Path(run_dir), max(1, keep_last)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-    def save(self, step: int, opt_sd: dict | None, state: dict, model_sd: dict[str, torch.Tensor],
-             extra: dict[str, torch.Tensor] | None = None, export_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    def staging(self, step: int, fresh: bool = True) -> Path:
+        """The temporary directory step N's checkpoint is written in (emptied when `fresh`); a sharded
+        checkpoint's ranks write their shards there before rank 0 completes it with `save`."""
+        tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
+        if fresh:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def save(self, step: int, opt_sd: dict | None, state: dict, model_sd: dict[str, torch.Tensor] | None,
+             extra: dict[str, torch.Tensor] | None = None, export_sd: dict[str, torch.Tensor] | None = None,
+             staged: bool = False) -> Path:
         """Write checkpoints/step_N (weights, optimizer + `extra` tensors such as RNG states, state.json),
         then the top-level weights, then latest.json: each step atomic, the previous one intact until then.
         The top-level weights are a copy of the checkpoint's, or `export_sd` when given (e.g. PPO's actor
-        alone, while its checkpoints also hold the critic)."""
+        alone, while its checkpoints also hold the critic). `staged`: the staging directory already holds
+        the checkpoint's shards (`model_sd` None; `export_sd` is then the run's weights)."""
         final = self.ckpt_dir / f"step_{step:07d}"
-        tmp = self.ckpt_dir / f".step_{step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self.staging(step, fresh=not staged)
         try:
-            save_tensors(model_sd, tmp / MODEL_FILE, metadata={"format": "gptlab"})
+            if model_sd is not None:
+                save_tensors(model_sd, tmp / MODEL_FILE, metadata={"format": "gptlab"})
             tensors, opt_meta = optimizer_tensors(opt_sd) if opt_sd is not None else ({}, None)
             save_tensors({**(extra or {}), **tensors}, tmp / "optimizer.safetensors")
             (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
         except BaseException:  # e.g. a full disk: free what was written at once
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -122,9 +138,13 @@ class CheckpointManager:
         return path
 
     def load(self, path: Path) -> tuple[dict, dict | None, dict, dict[str, torch.Tensor]]:
-        """-> (model state dict, optimizer state dict or None, state.json, extra tensors such as RNG states)."""
+        """-> (model state dict, optimizer state dict or None, state.json, extra tensors such as RNG states);
+        a sharded checkpoint (state["sharded"]) returns no model or optimizer state: they are read from its
+        dcp/ folder by the ranks that load them."""
         state = read_json(path / "state.json", "trainer state")
         extra = read_safetensors(path / "optimizer.safetensors", "optimizer state")
         opt = optimizer_state_from(extra, state["optimizer"]) if state.get("optimizer") else None
         extra = {k: v for k, v in extra.items() if not k.startswith("opt|")}
+        if state.get("sharded"):
+            return None, None, state, extra
         return read_safetensors(path / MODEL_FILE, "model weights"), opt, state, extra

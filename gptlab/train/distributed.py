@@ -64,20 +64,42 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, mode: str
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def full_state_dicts(model: nn.Module, optimizer):
-    """Full (unsharded) model and optimizer state dicts of an FSDP2 model, on CPU. Only rank 0 receives
-    them (the others get empty dicts): rank 0 writes the checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_sharded(model: nn.Module, optimizer, model_sd, opt_sd) -> None:
-    """Scatter full (unsharded) state dicts into an FSDP2 model and its optimizer."""
+    """Scatter full (unsharded) state dicts into an FSDP2 model and its optimizer (checkpoints of FSDP runs
+    before they were written sharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=opt_sd or {},
                    options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def save_dcp(model: nn.Module, optimizer, path) -> None:
+    """Every rank writes its own shards of the model and optimizer state (torch.distributed.checkpoint):
+    nothing is gathered; the files reshard on load to any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=str(path))
+
+
+def load_dcp(model: nn.Module, optimizer, path, distributed: bool) -> None:
+    """Read a `save_dcp` checkpoint into this model and optimizer, whatever the number of processes that
+    wrote it (FSDP2 here or not: a single process reads the whole state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, optimizer)  # (initialises the optimizer state it reads into)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not distributed)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The FSDP2 model's full weights on CPU, on rank 0 (the run's model.safetensors); {} elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -21,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.runtime import TRAIN_DTYPES, autocast, linear_shape, peak_flops, resolve_dtype, tune_cpu_allocator
+from gptlab.runtime import (TRAIN_DTYPES, autocast, linear_shape, peak_flops, peak_memory_mb, resolve_dtype,
+                            tune_cpu_allocator)
 from gptlab.train import distributed as D
 from gptlab.run.format import load_state_into, tied_names
-from gptlab.train.checkpoint import CheckpointManager
+from gptlab.train.checkpoint import DCP_DIR, CheckpointManager
 from gptlab.train.config import TrainConfig
 from gptlab.train.loggers import parse_log_to
 from gptlab.train.metrics import MetricsLogger, plot_loss, read_metrics
@@ -102,14 +103,19 @@ class Trainer:
         if not (isinstance(state.get("step"), int) and isinstance(state.get("tokens"), int) and state["step"] >= 0):
             raise GptlabError(f"{path / 'state.json'} is damaged (step and tokens must be whole numbers); "
                               "resume from an earlier checkpoint by pointing latest.json at it")
-        if opt_sd is None:  # a fresh optimizer would break the bit-exact resume
+        if opt_sd is None and not state.get("sharded"):  # a fresh optimizer would break the bit-exact resume
             raise GptlabError(f"{path} holds no optimizer state, so the run cannot continue exactly; "
                               "start a new run from its weights instead")
         mode = "fsdp" if self.sharded else "replicated"
-        if state.get("mode", "replicated") != mode:
+        if state.get("sharded"):  # torch.distributed.checkpoint shards: any number of processes, either mode
+            scales = [g.get("lr_scale", 1.0) for g in self.opt.param_groups]
+            D.load_dcp(self.model if self.sharded else self.raw, self.opt, path / DCP_DIR, self.info.enabled)
+            for g, sc in zip(self.opt.param_groups, scales):
+                g["lr_scale"] = sc
+        elif state.get("mode", "replicated") != mode:
             raise GptlabError(f"{path} was written by a {state.get('mode')} run; resume it with the same "
                               f"--train.distributed setting (this run is {mode})")
-        if self.sharded:
+        elif self.sharded:
             D.load_sharded(self.model, self.opt, model_sd, opt_sd)
         else:
             load_state_into(self.raw, model_sd, path)
@@ -130,10 +136,30 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
-    def _state_dicts(self):
-        if self.sharded:
-            return D.full_state_dicts(self.raw, self.opt)
-        return self.raw.state_dict(), self.opt.state_dict()
+    def _save_sharded(self, bad: torch.Tensor) -> None:
+        """FSDP: every rank writes its shards of the weights and optimizer state into the staged checkpoint
+        (torch.distributed.checkpoint; the optimizer state, 2/3 of it, is never gathered); rank 0 then
+        completes it (RNG states, state.json) and writes the run's full model.safetensors."""
+        full = D.full_model_state(self.model)  # rank 0: the run's weights; also checked for NaN/inf
+        self.check_finite(bad, full if self.info.is_main else None)
+        rngs = D.gather_objects(torch.get_rng_state(), self.info)
+        cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
+        if self.info.is_main:
+            self.ckpt.staging(self.step)
+        D.barrier(self.info)
+        D.save_dcp(self.model, self.opt, self.ckpt.staging(self.step, fresh=False) / DCP_DIR)
+        D.barrier(self.info)
+        if self.info.is_main:
+            tied = tied_names(self.raw)
+            export = {k: v.detach().contiguous() for k, v in full.items() if k not in tied}
+            if self.export_fn is not None:
+                export = {k: v.detach().contiguous() for k, v in self.export_fn(export).items()}
+            extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
+            self.ckpt.save(self.step, None, {"tokens": self.tokens, "mode": "fsdp", "sharded": True}, None, extra,
+                           export_sd=export, staged=True)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
+        D.barrier(self.info)
 
     def check_finite(self, bad: torch.Tensor, weights: dict | None = None) -> None:
         """Raise on every rank together if any rank saw a non-finite loss (or rank 0 non-finite weights)."""
@@ -152,7 +178,9 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is not None and latest.name == f"step_{self.step:07d}":
             return  # nothing trained since that checkpoint (e.g. resuming a finished run)
-        model_sd, opt_sd = self._state_dicts()
+        if self.sharded:
+            return self._save_sharded(bad)
+        model_sd, opt_sd = self.raw.state_dict(), self.opt.state_dict()
         self.check_finite(bad, model_sd)
         rngs = D.gather_objects(torch.get_rng_state(), self.info)
         cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
@@ -280,7 +308,7 @@ class Trainer:
                 tps = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
                 mfu = flops_per_token * tps / (peak * info.world) if peak else 0.0
                 last = dict(loss=loss_val, lr=st["lr"], tokens=self.tokens, tok_per_s=tps, mfu=mfu,
-                            batch_tokens=st["batch_tokens"])
+                            batch_tokens=st["batch_tokens"], peak_mem_mb=peak_memory_mb(self.device))
                 if st["grad_norm"] is not None:
                     last["grad_norm"] = float(st["grad_norm"])
                 if self.metrics_fn is not None:
