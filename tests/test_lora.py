@@ -310,3 +310,39 @@ def test_serve_lora_chooses_the_adapter_by_model_name(tmp_path):
             c.completions.create(model="c", prompt="x", max_tokens=2)
     finally:
         srv.stop()
+
+
+def test_continued_pretraining_and_finetuning_train_only_adapters_rows_and_head(tmp_path):
+    from gptlab.data.prepare import prepare
+    from gptlab.finetune.train import finetune
+
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. the dog ran far away.\n" * 60)
+    prepare(str(tmp_path / "corpus.txt"), str(tmp_path / "data"), tokenizer="char", val_fraction=0.1, progress=False)
+    common = ["--data", str(tmp_path / "data"), "--train.max_iters", "4", "--train.batch_size", "4",
+              "--train.block_size", "32", "--train.dtype", "float32", "--train.eval_interval", "0", "--train.lr", "1e-2"]
+    assert cli(["pretrain", "--out", str(tmp_path / "base"), "--preset", "tiny", "--model.block_size", "32", *common]) == 0
+    assert cli(["pretrain", "--from", str(tmp_path / "base"), "--out", str(tmp_path / "cont"), "--lora.r", "4",
+                "--lora.targets", "c_attn,mlp.c_proj", *common]) == 0
+    base, cont = read_safetensors(tmp_path / "base" / MODEL_FILE), read_safetensors(tmp_path / "cont" / MODEL_FILE)
+    assert base.keys() == cont.keys()
+    changed = {k for k in base if not torch.equal(base[k], cont[k])}
+    assert changed == {f"h.{i}.{n}.weight" for i in range(2) for n in ("attn.c_attn", "mlp.c_proj")}
+    cfg = json.loads((tmp_path / "cont" / "config.json").read_text())
+    assert cfg["init"]["from"] == str((tmp_path / "base").resolve()) and cfg["lora"]["r"] == 4
+
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(["the", "cat", "dog", "sat", "ran", "on", "mat"]) for _ in range(4)) for _ in range(40)]
+    rows = [{"text": t, "label": "cat" if "cat" in t else "dog"} for t in texts]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    finetune(out, tmp_path / "cls.jsonl", init_from=tmp_path / "base", quiet=True, lora={"r": 4},
+             train_layers=({"max_iters": 4, "batch_size": 4, "dtype": "float32", "eval_interval": 0},))
+    saved = json.loads((out / "config.json").read_text())
+    assert len(saved["lora"]["token_ids"]) == 3  # GPT-1's start, delimiter and extract tokens
+    ft = read_safetensors(out / MODEL_FILE)
+    assert torch.equal(ft["h.0.ln_1.weight"], base["h.0.ln_1.weight"])  # frozen
+    ids = saved["lora"]["token_ids"]
+    assert torch.equal(ft["wte.weight"][:len(base["wte.weight"])], base["wte.weight"])  # old rows frozen
+    assert ft["wte.weight"].shape[0] == len(base["wte.weight"]) + 3 and ids == [19, 20, 21]
+    assert (out / "adapter" / "head.safetensors").is_file()  # the classifier head, trained whole
+    assert not torch.equal(ft["head.1.weight"], torch.zeros_like(ft["head.1.weight"]))

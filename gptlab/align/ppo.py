@@ -131,6 +131,7 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
         warnings.warn(f"{actor_from} has no chat tokens (not an SFT run?); adding them with random embeddings",
                       stacklevel=3)
     tok, new_tokens = add_chat_tokens(tok, actor)
+    attach(actor, lcfg, new_tokens)  # QLoRA: quantized now, before any other model is loaded
     if reference_from is None or Path(reference_from).resolve() == Path(actor_from).resolve():
         # with LoRA the reference is the actor with its adapters off: no second copy of the weights
         ref = None if lcfg.enabled else copy.deepcopy(actor)
@@ -156,7 +157,11 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
             raise GptlabError(f"the critic's run {src} has a different tokenizer than the actor's {actor_from}; "
                               "train the reward model from the SFT run")
     else:  # no reward model: the critic is the SFT trunk with a new scalar head
-        critic = copy.deepcopy(actor)
+        if lcfg.enabled:  # the actor's base is frozen (and maybe quantized) under its adapters: load it again
+            critic, ctok = load_pretrained(actor_from, NO_DROPOUT)
+            add_chat_tokens(ctok, critic)
+        else:
+            critic = copy.deepcopy(actor)
         critic.add_head("scalar", 1, 0.0)
     if critic is not None:
         critic.train()
@@ -172,8 +177,7 @@ def _load_models(actor_from, reward_from, critic_from, reference_from, cfg: PPOC
     for m in (actor, critic):
         if m is not None:
             _no_dropout(m)
-    attach(actor, lcfg, new_tokens)  # the critic's adapters: the same settings, over its own base
-    if critic is not None:
+    if critic is not None:  # the critic's adapters: the actor's settings, over its own base
         attach(critic, lcfg, new_tokens if src is None else [], quiet=True)
         critic = critic.to(device)
     return actor.to(device), critic, ref, rm, tok, (train_dtype, frozen_dtype)

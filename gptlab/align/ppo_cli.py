@@ -102,12 +102,13 @@ def add_grpo_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_rlhf(a) -> None:
     from gptlab.align.rlhf import rlhf
-    from gptlab.config import read_config
+    from gptlab.config import read_config, section_layer
+    from gptlab.stage.lora import LoRAConfig
 
-    y = read_config(a.config, ("reward", "ppo"))
+    y = read_config(a.config, ("reward", "ppo", "lora"))
     prefs = a.preferences[0] if len(a.preferences) == 1 else (a.preferences or None)
     rlhf(a.out, sft_from=a.init_from, preferences=prefs, prompts=a.prompts, rounds=a.rounds, reward=y["reward"],
-         ppo=_ppo_layer(a, y), judge=a.judge)
+         ppo=_ppo_layer(a, y), judge=a.judge, lora=section_layer(a, y, LoRAConfig, "lora"))
 
 
 def add_rlhf_parser(sub) -> argparse.ArgumentParser:
@@ -123,8 +124,12 @@ def add_rlhf_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", required=True, help="directory for round_1/, round_2/, ... and summary.json")
     p.add_argument("--config", help="YAML with reward: {...} (train_reward keys: epochs, heldout_fraction, train, "
-                                    "reference; and init, judge_samples, judge_prompts) and ppo: {...} (PPO keys)")
+                                    "reference; and init, judge_samples, judge_prompts), ppo: {...} (PPO keys) and "
+                                    "lora: {...}")
     _add_ppo_keys(p)
+    from gptlab.stage.lora import add_lora_args
+
+    add_lora_args(p)
     p.set_defaults(func=cmd_rlhf)
     return p
 

@@ -91,8 +91,9 @@ def judge_comparisons(policy_dir: str | Path, conversations: list[list[dict]], j
 @writes_run_dir()
 def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts=None, rounds: int = 2,
          reward: dict | None = None, ppo: dict | None = None, judge: Callable | str | None = None,
-         quiet: bool = False) -> dict:
-    """Chain `rounds` of reward-model training and PPO into out_dir/round_r/ -> summary (also summary.json)."""
+         quiet: bool = False, lora: dict | None = None) -> dict:
+    """Chain `rounds` of reward-model training and PPO into out_dir/round_r/ -> summary (also summary.json).
+    `lora`: every reward model and PPO run trains adapters with these settings (each round merges its own)."""
     from gptlab.align.reward import train_reward
 
     if rounds < 1:
@@ -143,10 +144,10 @@ def rlhf(out_dir: str | Path, *, sft_from: str | Path, preferences=None, prompts
         rm_dir = rd / "reward"
         rm = train_reward(rm_dir, str(data) if isinstance(data, Path) else data,
                           init_from=sft_from if init == "sft" else policy, quiet=quiet,
-                          resume=(rm_dir / LATEST_FILE).exists(), **rm_kwargs)
+                          resume=(rm_dir / LATEST_FILE).exists(), lora=lora, **rm_kwargs)
         res = run_ppo(rd / "ppo", prompts, actor_from=policy, reward_from=rm_dir, config=pcfg.to_dict(), quiet=quiet,
                       reference_from=sft_from if reference == "sft" else policy,
-                      resume=(rd / "ppo" / LATEST_FILE).exists())
+                      resume=(rd / "ppo" / LATEST_FILE).exists(), lora=lora)
         info = {"round": r, "reward_data": str(data), "reward_run": str(rm_dir),
                 "heldout_accuracy": rm.get("heldout_accuracy"), "offset": rm.get("offset"),
                 "reward_before": res["reward_before"], "reward_after": res["reward_after"],
