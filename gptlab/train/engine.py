@@ -136,14 +136,33 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states (a collective: all ranks call it), for rank 0 to write."""
+        rngs = D.gather_objects(torch.get_rng_state(), self.info)
+        cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
+        return {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
+
+    def _commit(self, write) -> None:
+        """Rank 0: write() the checkpoint, then on_checkpoint; a failed write (disk full, read-only, quota) is
+        one line saying which checkpoint is intact."""
+        previous = self.ckpt.latest()
+        try:
+            write()
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
+        except OSError as e:  # the previous checkpoint is untouched
+            kept = (f"the last checkpoint, {previous.name}, is intact: free space, then --resume" if previous
+                    else "no checkpoint was written yet")
+            raise GptlabError(f"cannot write the step {self.step} checkpoint in {self.run_dir}: "
+                              f"{e.strerror or e} ({kept})") from None
+
     def _save_sharded(self, bad: torch.Tensor) -> None:
         """FSDP: every rank writes its shards of the weights and optimizer state into the staged checkpoint
         (torch.distributed.checkpoint; the optimizer state, 2/3 of it, is never gathered); rank 0 then
         completes it (RNG states, state.json) and writes the run's full model.safetensors."""
         full = D.full_model_state(self.model)  # rank 0: the run's weights; also checked for NaN/inf
         self.check_finite(bad, full if self.info.is_main else None)
-        rngs = D.gather_objects(torch.get_rng_state(), self.info)
-        cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
+        extra = self._rng_states()
         if self.info.is_main:
             self.ckpt.staging(self.step)
         D.barrier(self.info)
@@ -154,11 +173,8 @@ class Trainer:
             export = {k: v.detach().contiguous() for k, v in full.items() if k not in tied}
             if self.export_fn is not None:
                 export = {k: v.detach().contiguous() for k, v in self.export_fn(export).items()}
-            extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
-            self.ckpt.save(self.step, None, {"tokens": self.tokens, "mode": "fsdp", "sharded": True}, None, extra,
-                           export_sd=export, staged=True)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint()
+            self._commit(lambda: self.ckpt.save(self.step, None, {"tokens": self.tokens, "mode": "fsdp", "sharded": True},
+                                                None, extra, export_sd=export, staged=True))
         D.barrier(self.info)
 
     def check_finite(self, bad: torch.Tensor, weights: dict | None = None) -> None:
@@ -182,26 +198,15 @@ class Trainer:
             return self._save_sharded(bad)
         model_sd, opt_sd = self.raw.state_dict(), self.opt.state_dict()
         self.check_finite(bad, model_sd)
-        rngs = D.gather_objects(torch.get_rng_state(), self.info)
-        cuda = D.gather_objects(torch.cuda.get_rng_state(self.device), self.info) if self.device.type == "cuda" else []
+        extra = self._rng_states()
         if self.info.is_main:
             tied = tied_names(self.raw)  # a tied LM head is stored once, as the tensor it shares
-            model_sd = {k: v for k, v in model_sd.items() if k not in tied}
-            extra = {**{f"rng.torch.{r}": t for r, t in enumerate(rngs)}, **{f"rng.cuda.{r}": t for r, t in enumerate(cuda)}}
+            model_sd = {k: v.detach().contiguous() for k, v in model_sd.items() if k not in tied}
             export = None
             if self.export_fn is not None:
                 export = {k: v.detach().contiguous() for k, v in self.export_fn(model_sd).items()}
-            previous = self.ckpt.latest()
-            try:
-                self.ckpt.save(self.step, opt_sd, {"tokens": self.tokens, "mode": "fsdp" if self.sharded else "replicated"},
-                               {k: v.detach().contiguous() for k, v in model_sd.items()}, extra, export_sd=export)
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint()
-            except OSError as e:  # disk full, read-only, quota: the previous checkpoint is untouched
-                kept = (f"the last checkpoint, {previous.name}, is intact: free space, then --resume" if previous
-                        else "no checkpoint was written yet")
-                raise GptlabError(f"cannot write the step {self.step} checkpoint in {self.run_dir}: "
-                                  f"{e.strerror or e} ({kept})") from None
+            self._commit(lambda: self.ckpt.save(self.step, opt_sd, {"tokens": self.tokens, "mode": "replicated"},
+                                                model_sd, extra, export_sd=export))
         D.barrier(self.info)
 
     # --- evaluation ----------------------------------------------------------------------------
