@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "gptlab.align.cli",       # sft, reward, dpo
     "gptlab.align.ppo_cli",   # ppo, grpo, rlhf
     "gptlab.pipeline.cli",    # pipeline
+    "gptlab.reproduce.cli",   # reproduce
     "gptlab.serve.cli",       # serve
     "gptlab.run.cli",         # info
     "gptlab.omni.cli",        # omni-data, omni-eval
