@@ -335,7 +335,7 @@ class Engine:
                     break
         for i in finished if self.prefix is not None else ():  # the reply's KV too: a chat's next turn starts with it
             r = self.rows[i]
-            self.prefix.insert(r.prompt + r.out[:-1], lambda a, b, i=i: self.cache.read_row(i, a, b))
+            self.prefix.insert(r.prompt + r.out[:-1], lambda a, b, i=i: self.cache.read_row(i, a, b), r.adapter)
         for req, deltas in out.values():
             if deltas:
                 req.post(deltas)
