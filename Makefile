@@ -33,11 +33,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
-# The dtype / packing / generation / compression / training tests again, as on an AVX2-only CPU without
+# The dtype / packing / generation / compression / training / LoRA tests again, as on an AVX2-only CPU without
 # native bf16, whatever this CPU is: oneDNN, ATen and MKL limited to AVX2 kernels, GPTLAB_CPU_BF16=0, and
 # a separate inductor cache (its compiled kernels do not record the ISA limit).
 AVX2_TESTS := tests/test_runtime.py tests/test_stage.py tests/test_generate.py tests/test_compress_layers.py tests/test_compress_runs.py \
-              tests/test_train.py tests/test_serve_engine.py
+              tests/test_train.py tests/test_serve_engine.py tests/test_lora.py
 test-avx2: $(VENV)/.dev
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 GPTLAB_CPU_BF16=0 \
 	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(BIN)/python -m pytest -q $(AVX2_TESTS)
