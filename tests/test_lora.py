@@ -356,3 +356,18 @@ def test_continued_pretraining_and_finetuning_train_only_adapters_rows_and_head(
     assert ft["wte.weight"].shape[0] == len(base["wte.weight"]) + 3 and ids == [19, 20, 21]
     assert (out / "adapter" / "head.safetensors").is_file()  # the classifier head, trained whole
     assert not torch.equal(ft["head.1.weight"], torch.zeros_like(ft["head.1.weight"]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_pass_gradients_to_their_input(bits):
+    """QLoRA's frozen base: at decode-sized inputs (where the int8 / int4 kernels, which have no backward, would
+    run) a gradient to the input takes the dequantized GEMM; it equals the dequantized Linear's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = Int8Linear.from_linear(lin) if bits == 8 else rtn_intn(lin, 4, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(ref, q.dequantize(), q.bias.detach()).pow(2).sum().backward()
+    assert ref.grad.abs().mean() > 0.1  # gradients of order 1: bf16's rounding (where the GEMM runs in it) is not
+    torch.testing.assert_close(x.grad, ref.grad, atol=3e-2, rtol=3e-2)

@@ -91,6 +91,10 @@ def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if cpu_bf16_native()[0] else torch.float32
 
 
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm_for_cpu",
                                                                "_convert_weight_to_int4pack_for_cpu"))
@@ -128,7 +132,8 @@ class Int8Linear(nn.Module):
         # faster than fp32 packed oneDNN (its fp32-activation path is ~15× slower: no fast kernel); at 64+ rows
         # (prefill, perplexity) dequantizing to bf16 and one bf16 GEMM is faster.
         x2 = x.reshape(-1, self.in_features)
-        if x2.size(0) <= SMALL_M and _HAS_INT8_KERNEL and x.device.type == "cpu":
+        # the int8 kernel has no backward: a gradient to the input (QLoRA's frozen base) takes the GEMM path
+        if x2.size(0) <= SMALL_M and _HAS_INT8_KERNEL and x.device.type == "cpu" and not _needs_grad(x):
             s = self.weight_scale
             sb = self._scale_bf16 if self._scale_src is s and self._scale_ver == s._version else self._refresh_scale()
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, sb)
@@ -264,7 +269,8 @@ class IntNLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        kg = self._int4_kernel_group() if x2.size(0) <= SMALL_M and x.device.type == "cpu" else 0
+        small = x2.size(0) <= SMALL_M and x.device.type == "cpu" and not _needs_grad(x)  # (no backward in the kernel)
+        kg = self._int4_kernel_group() if small else 0
         if kg:
             # decoding: torch's int4 CPU kernel (if this torch has it) reads the 4-bit codes directly; in bf16,
             # as its fp32 path is many times slower (measured)

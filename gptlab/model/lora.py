@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 from typing import Callable, Iterable
 
 import torch
@@ -29,15 +28,6 @@ BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 def base_weight(m: nn.Module, dtype=torch.float32) -> torch.Tensor:
     """The dense (out, in) weight of a Linear or of a quantized layer (its dequantized codes)."""
     return m.dequantize(dtype) if hasattr(m, "dequantize") else m.weight.detach().to(dtype)
-
-
-def _differentiable_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A frozen quantized layer's forward when a gradient must flow to its input: the dequantized GEMM (the
-    int8 / int4 decoding kernels have no backward); otherwise its own (faster) forward."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
-    return type(self).forward(self, x)
 
 
 class LoRALinear(nn.Module):
@@ -135,7 +125,6 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: It
                 q = quantize(m)
                 for p in q.parameters():
                     p.requires_grad_(False)
-                q.forward = types.MethodType(_differentiable_forward, q)
                 _set(model, n, q)
     for n in names:
         _set(model, n, LoRALinear(model.get_submodule(n), r, alpha, dropout))
