@@ -210,6 +210,16 @@ def test_sample_and_info_commands(char_data, tmp_path, capsys):
 
 
 # --- several processes ------------------------------------------------------------------------------
+def _same_run(x: Path, y: Path, steps: int = 8) -> None:
+    """Two runs logged the same losses at steps 1..steps and ended with the same weights (to 1e-5)."""
+    a, b = _losses(x), _losses(y)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-5)
+    wa, wb = load_run(x).model.state_dict(), load_run(y).model.state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_same_global_batch(char_data, tmp_path, mode):
@@ -225,12 +235,7 @@ def test_two_processes_match_one_with_same_global_batch(char_data, tmp_path, mod
            "--train.distributed", mode, "--train.sample_interval", "4", "--train.sample_tokens", "5"]
     proc = subprocess.run(two, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
-    for (_, la), (_, lb) in zip(a, b):
-        assert la == pytest.approx(lb, abs=1e-5)
-    wa, wb = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    _same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -255,12 +260,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(char_d
            "--resume", "--train.max_iters", "8", "--train.batch_size", "4"]  # one process, the same global batch
     proc = subprocess.run(one, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
-    for (_, la), (_, lb) in zip(a, b):
-        assert la == pytest.approx(lb, abs=1e-5)
-    wa, wb = load_run(tmp_path / "full").model.state_dict(), load_run(tmp_path / "cut").model.state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    _same_run(tmp_path / "full", tmp_path / "cut")
 
 
 def test_an_optimizer_step_invalidates_the_generators_packed_weights():
