@@ -30,6 +30,8 @@ class Panel:
     ylabel: str = ""
     ylim: tuple[float, float] | None = None
     hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, label): reference levels (chance, ...)
+    xscale: str = "linear"  # "log" for sizes that span decades (labels, parameters)
+    yscale: str = "linear"
 
 
 _told = False
@@ -59,6 +61,8 @@ def plot(png: Path, panels: list[Panel], title: str = "") -> Path | None:
                 ax.plot(line.x, line.y, line.style, label=line.label or None, lw=line.lw)
         for y, label in p.hlines:
             ax.axhline(y, color="grey", lw=0.8, ls="--", label=label)
+        ax.set_xscale(p.xscale)
+        ax.set_yscale(p.yscale)
         ax.set_xlabel(p.xlabel)
         ax.set_ylabel(p.ylabel)
         if p.ylim:

@@ -321,6 +321,15 @@ def test_finetune_from_a_pretrained_run_through_the_cli(pretrained, tmp_path, ca
     with pytest.raises(GptlabError, match="cannot change when fine-tuning a pretrained run"):
         finetune(tmp_path / "x", tmp_path / "nli.tsv", task="entailment", init_from=pretrained,
                  model_overrides={"n_layer": 3}, quiet=True)
+    # --transfer-layers 1: the embeddings and block 0 are the pretrained ones, the blocks above are new
+    part = tmp_path / "part"
+    _cli(["finetune", "--from", str(pretrained), "--transfer-layers", "1", "--data", str(tmp_path / "nli.tsv"),
+          "--task", "entailment", "--out", str(part), "--train.max_iters", "0", "--train.peak_flops", "1e12"])
+    p = load_run(part)
+    assert p.config["init"]["transfer_layers"] == 1 and pre.model.cfg.n_layer >= 2
+    assert torch.equal(p.model.wte.weight[:28], pre.model.wte.weight[:28]) and torch.equal(p.model.wpe.weight, pre.model.wpe.weight)
+    assert all(torch.equal(a, b) for a, b in zip(p.model.h[0].state_dict().values(), pre.model.h[0].state_dict().values()))
+    assert not torch.equal(p.model.h[1].attn.c_attn.weight, pre.model.h[1].attn.c_attn.weight)
 
 
 def test_multiple_choice_from_csv_columns_end_to_end(pretrained, tmp_path):
@@ -377,6 +386,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, pretrained):
     _one_line_error("needs --preset", finetune, tmp_path / "o", good, init="random", fields=fields, quiet=True)
     _one_line_error("--preset goes with --init random", finetune, tmp_path / "o", good, init_from=pretrained,
                     preset_name="tiny", fields=fields, quiet=True)
+    _one_line_error(r"--transfer-layers must be in \[0, ", finetune, tmp_path / "o", good, init_from=pretrained,
+                    fields=fields, transfer_layers=99, quiet=True)
+    _one_line_error("--transfer-layers chooses", finetune, tmp_path / "o", good, init_from=pretrained, init="random",
+                    fields=fields, transfer_layers=1, quiet=True)
     _one_line_error("--lm-coef must be", finetune, tmp_path / "o", good, init_from=pretrained, fields=fields,
                     lm_coef=-1.0, quiet=True)
     _one_line_error("single label", finetune, tmp_path / "o", _write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": 1}] * 5),

@@ -132,3 +132,18 @@ def test_one_configuration_path(tmp_path):
     y.write_text("trian: {lr: 1}\n")
     with pytest.raises(GptlabError, match=r"unknown top-level keys \['trian'\].*train: \{\.\.\.\}"):
         read_config(y, ("train",))
+
+
+def test_group_by_length_keeps_each_epoch_a_permutation_and_sorts_each_run():
+    lengths = [(7 * i) % 23 for i in range(50)]
+    plain, grouped = EpochOrder(50, seed=2), EpochOrder(50, seed=2, lengths=lengths, group=8)
+    for epoch in (0, 1):
+        p, g = plain.perm(epoch), grouped.perm(epoch)
+        assert sorted(g) == list(range(50))
+        for k in range(0, 50, 8):  # the same examples share a run; inside it, longest first
+            assert sorted(g[k:k + 8]) == sorted(p[k:k + 8])
+            assert [lengths[i] for i in g[k:k + 8]] == sorted((lengths[i] for i in p[k:k + 8]), reverse=True)
+    # batches of 4 now pad to far less than random ones (the point of it)
+    pad = lambda order: sum(max(lengths[i] for i in order.indices(s, slice(0, 4), 4)) for s in range(12))  # noqa: E731
+    assert pad(grouped) < 0.9 * pad(plain)
+    assert grouped.indices(5, slice(1, 3), 4) == grouped.indices(5, slice(0, 4), 4)[1:3]  # still a pure function

@@ -200,7 +200,7 @@ def sft(out_dir: str | Path, data, *, init_from: str | Path | None = None, epoch
     D.barrier(info)
 
     pad = tok.eot_id
-    order = EpochOrder(len(train_s), cfg.seed)
+    order = EpochOrder(len(train_s), cfg.seed, [len(s.x) for s in train_s], cfg.group_by_length)
     n_tgt = [sum(t != IGNORE for t in s.y) for s in train_s]
     tokens_per_sample = max(1, round(sum(len(s.x) for s in train_s) / len(train_s)))
 

@@ -58,6 +58,12 @@ class TokenData:
     def n_tokens(self, split: str) -> int:
         return int(self._split_offsets(split)[-1])
 
+    def read_tokens(self, split: str, start: int = 0, n: int | None = None) -> np.ndarray:
+        """`n` tokens of a split from `start` (default: all the rest), as int64."""
+        out = np.empty(self.n_tokens(split) - start if n is None else n, dtype=np.int64)
+        self._read(split, start, out)
+        return out
+
     def _split_offsets(self, split: str) -> np.ndarray:
         if split not in self._offsets:
             raise GptlabError(f"unknown split {split!r} (expected 'train' or 'val')")

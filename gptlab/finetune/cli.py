@@ -43,7 +43,7 @@ def cmd_finetune(a) -> None:
         raise GptlabError("finetune needs --out (the run dir to write)")
     finetune(a.out, a.data, task=a.task, init_from=a.init_from, init=a.init, preset_name=a.preset,
              tokenizer=a.tokenizer, dev=a.dev, dev_fraction=a.dev_fraction, fields=_fields(a), lm_coef=a.lm_coef,
-             epochs=a.epochs, model_overrides=section_layer(a, y, GPTConfig, "model"),
+             epochs=a.epochs, transfer_layers=a.transfer_layers, model_overrides=section_layer(a, y, GPTConfig, "model"),
              train_layers=(section_layer(a, y, TrainConfig, "train"),), resume=a.resume,
              lora=section_layer(a, y, LoRAConfig, "lora"))
 
@@ -60,6 +60,9 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     src.add_argument("--from", dest="init_from", metavar="RUN_DIR", help="pretrained run directory to fine-tune")
     src.add_argument("--init", choices=["random"], help="random weights (the no-pretraining ablation): with --preset, "
                                                        "or with --from RUN_DIR for that run's architecture and tokenizer")
+    src.add_argument("--transfer-layers", type=int, metavar="N", default=None,
+                     help="with --from: keep the embeddings and the first N blocks, re-initialise the rest "
+                          "(GPT-1 Figure 2, left) [default: all]")
     src.add_argument("--preset", help=f"with --init random: {', '.join(PRESETS)}")
     src.add_argument("--tokenizer", default="gpt2",
                      help="with --init random: gpt2 | char | bpe:N (trained on the training texts) | a tokenizer file "

@@ -120,15 +120,17 @@ class FinetuneLoss:
         self.raw, self.task, self.lm_coef = raw, check_task(task), float(lm_coef)
         self.tap = HiddenTap(raw)
 
-    def terms(self, model: torch.nn.Module, batch: Batch):
-        """-> (L3, L2, L1, logits). `model` is the raw model or its DDP/FSDP/compiled wrapper."""
-        _, lm = model(batch.x, batch.targets)
+    def terms(self, model: torch.nn.Module, batch: Batch, lm_targets: bool = True):
+        """-> (L3, L2, L1, logits). `model` is the raw model or its DDP/FSDP/compiled wrapper. Without
+        `lm_targets` (training with λ = 0) no token is an LM target, so the LM head costs nothing."""
+        targets = batch.targets if lm_targets else torch.full_like(batch.targets, -100)
+        _, lm = model(batch.x, targets)
         logits = task_scores(self.raw, self.tap.pop(), batch.extract, batch.counts, self.task)
         task_loss = F.cross_entropy(logits.float(), batch.labels)
         return task_loss + self.lm_coef * batch.lm_weight * lm, task_loss, lm, logits
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.terms(model, batch)[0]
+        return self.terms(model, batch, lm_targets=self.lm_coef > 0)[0]
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches) -> dict:
@@ -212,8 +214,20 @@ def _plan(st: Start, data, task, dev, dev_fraction, fields, lm_coef, epochs, ini
                 epochs is not None)
 
 
+def transfer(model: GPT, n_layers: int) -> GPT:
+    """Keep the embeddings and blocks [0, n_layers) of `model`; the blocks above start from a fresh init
+    (GPT-1 Figure 2, left: accuracy against the number of layers transferred)."""
+    if not 0 <= n_layers <= model.cfg.n_layer:
+        raise GptlabError(f"--transfer-layers must be in [0, {model.cfg.n_layer}] for this {model.cfg.n_layer}-layer "
+                          f"model, got {n_layers}")
+    fresh = GPT(model.cfg)
+    for i in range(n_layers, model.cfg.n_layer):
+        model.h[i].load_state_dict(fresh.h[i].state_dict())
+    return model
+
+
 def _start_model(st: Start, plan: Plan, labels, texts, init_from, init, preset_name, tokenizer, model_overrides,
-                 quiet) -> tuple[GPT, Tokenizer, str, list[int]]:
+                 quiet, transfer_layers: int | None = None) -> tuple[GPT, Tokenizer, str, list[int]]:
     """The model (with the task tokens and head), tokenizer, origin and the token ids it added: resumed,
     pretrained, or a random init."""
     if st.resume:
@@ -224,6 +238,9 @@ def _start_model(st: Start, plan: Plan, labels, texts, init_from, init, preset_n
         origin = f"pretrained run {init_from}"
         if init == "random":  # same architecture and tokenizer, fresh weights
             model, origin = GPT(model.cfg), f"random init with the architecture and tokenizer of {init_from}"
+        elif transfer_layers is not None:
+            model = transfer(model, transfer_layers)
+            origin += f" (embeddings and {transfer_layers} of {model.cfg.n_layer} blocks transferred)"
     else:  # char / bpe:N are built from train + dev texts (no labels), so a char vocabulary covers dev too
         tok = build_tokenizer(tokenizer, texts(), progress=not quiet)
         model, origin = random_model(preset_name, tok, model_overrides), f"random init, preset {preset_name}, tokenizer {tokenizer}"
@@ -248,11 +265,12 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
              tokenizer: str = "gpt2", dev: str | Path | None = None, dev_fraction: float | None = None,
              fields: Fields | None = None, lm_coef: float | None = None, epochs: float | None = None,
              model_overrides: dict | None = None, train_layers: tuple[dict, ...] = (), resume: bool = False,
-             quiet: bool = False, lora: dict | None = None) -> dict:
+             quiet: bool = False, lora: dict | None = None, transfer_layers: int | None = None) -> dict:
     """Fine-tune into `out_dir`: from a pretrained run (`init_from`) or a random `preset_name` model
     (`init="random"`, with `tokenizer`: gpt2 | char | bpe:N trained on the training texts | a path).
     Both `init_from` and `init="random"`: the run's architecture and tokenizer with random weights (the
-    like-for-like no-pretraining ablation). -> the engine's final metrics (loss, val_loss, val_acc, step, ...)."""
+    like-for-like no-pretraining ablation). `transfer_layers` N: of `init_from`, only the embeddings and
+    the first N blocks. -> the engine's final metrics (loss, val_loss, val_acc, step, ...)."""
     st = begin(out_dir, "finetune", resume)
     plan = _plan(st, data, task, dev, dev_fraction, fields, lm_coef, epochs, init_from, init, preset_name, model_overrides)
     if not plan.data:
@@ -269,11 +287,13 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
 
     torch.manual_seed(cfg.seed)  # same init (new embedding rows, head) on every rank
     texts = lambda: [t for ex in (*train_ex, *dev_ex) for t in (ex.text, ex.text2 or "", *ex.choices)]  # noqa: E731
+    if transfer_layers is not None and (st.resume or init_from is None or init == "random"):
+        raise GptlabError("--transfer-layers chooses what a new run takes from --from RUN_DIR (without --init random)")
     lcfg = resolve_lora(st, lora)
     if lcfg.enabled and not st.resume and (init_from is None or init == "random"):
         raise GptlabError("--lora.r adapts pretrained weights: give --from RUN_DIR (without --init random)")
     model, tok, origin, new_ids = _start_model(st, plan, labels, texts, init_from, init, preset_name, tokenizer,
-                                               model_overrides, quiet)
+                                               model_overrides, quiet, transfer_layers)
     check_vocab(model.cfg, tok, "finetune")
     lora_section = attach(model, lcfg, new_ids, quiet=quiet or st.resume)
     T = min(cfg.block_size or model.cfg.block_size, model.cfg.block_size)
@@ -285,7 +305,8 @@ def finetune(out_dir: str | Path, data: str | Path | None = None, *, task: str |
     model = model.to(device)
     if info.is_main:
         init_cfg = st.saved.get("init") if resume else (
-            {"from": str(Path(init_from).resolve()), "weights": "random" if init == "random" else "pretrained"}
+            {"from": str(Path(init_from).resolve()), "weights": "random" if init == "random" else "pretrained",
+             **({"transfer_layers": transfer_layers} if transfer_layers is not None else {})}
             if init_from is not None else {"random": preset_name, "tokenizer": tokenizer})
         st.record(model.cfg, tok, stage="finetune", train=cfg.to_dict(), init=init_cfg,
                          task={"type": plan.task, "fields": fields.to_dict(), "labels": labels, "lm_coef": plan.lm_coef,
@@ -308,7 +329,7 @@ def _train(model, cfg: TrainConfig, st: Start, plan: Plan, tok, train_seqs, trai
     """Batches (each micro-batch weighted by its share of the step's LM tokens), dev evaluation, the engine."""
     pad, T = tok.eot_id, cfg.block_size
     pad_multiple = 64 if cfg.compile else 1  # compiled graphs are specialised on the sequence length
-    order = EpochOrder(len(train_seqs), cfg.seed)
+    order = EpochOrder(len(train_seqs), cfg.seed, [max(map(len, ex)) for ex in train_seqs], cfg.group_by_length)
     lm_tokens = lambda i: sum(len(q) - 1 for q in train_seqs[i])  # noqa: E731  every sequence predicts its tokens after the first
 
     def batch_fn(step: int, sl: slice, n_global: int) -> Batch:

@@ -27,27 +27,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         dev = h.device.type
         dt = _compute_dtype(dev, h.dtype)
         with torch.autocast(dev, enabled=False):
-            hc, wc = h.to(dt), weight.to(dt)
             valid = targets != ignore_index
             n_valid = valid.sum().clamp_min(1).to(torch.float32)
+            # only the predicted rows go through the head: pads and masked prompts (often half of a
+            # fine-tuning batch) cost nothing, and neither does a batch with no LM targets at all
+            rows = valid.nonzero().squeeze(1) if not bool(valid.all()) else None
+            hv, tv = (h, targets) if rows is None else (h.index_select(0, rows), targets.index_select(0, rows))
+            hc, wc = hv.to(dt), weight.to(dt)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_h = torch.empty_like(h) if need_h else None
+            grad_hv = torch.empty_like(hv) if need_h else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, h.size(0), chunk_rows):
-                e = min(s + chunk_rows, h.size(0))
+            for s in range(0, hv.size(0), chunk_rows):
+                e = min(s + chunk_rows, hv.size(0))
                 logp = torch.log_softmax((hc[s:e] @ wc.t()).float(), dim=-1)  # (n, V), one fused kernel
-                t, v = targets[s:e].clamp_min(0), valid[s:e]
-                loss -= (logp.gather(1, t[:, None]).squeeze(1) * v).sum()
+                t = tv[s:e]
+                loss -= logp.gather(1, t[:, None]).sum()
                 if need_h or need_w:
                     g = logp.exp_()  # softmax, in place: d loss / d logits = (p - onehot) / N
                     g[torch.arange(e - s, device=g.device), t] -= 1.0
-                    g *= (v.float() / n_valid)[:, None]
-                    g = g.to(dt)
+                    g = (g / n_valid).to(dt)
                     if need_h:
-                        grad_h[s:e] = g @ wc
+                        grad_hv[s:e] = g @ wc
                     if need_w:
                         grad_w += g.t() @ hc[s:e]
+            grad_h = grad_hv if rows is None or grad_hv is None else \
+                torch.zeros_like(h).index_copy_(0, rows, grad_hv)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from gptlab.reproduce.report import Claim, Reproduction
+from gptlab.reproduce.steps import pretrained
 
 PAPER = ("Frantar & Alistarh, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot, ICML 2023 "
          "(and GPTQ, Frantar et al., ICLR 2023, for the 4-bit row)")
@@ -30,20 +31,14 @@ SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 def _model(out: Path, s: dict, quiet: bool) -> tuple[Path, bool]:
     """The pretrained model, cached: prepared data and a run dir, resumed if a previous run was cut -> (its
     run dir, whether an earlier run had already finished it)."""
-    from gptlab.fileio import read_json
     from gptlab.data.prepare import prepare
-    from gptlab.pretrain import pretrain
-    from gptlab.run.format import LATEST_FILE
 
     data, run = out / "data", out / "model"
     if not (data / "meta.json").is_file():
         prepare("shakespeare", data, tokenizer=s["tokenizer"], val_fraction=0.05, progress=not quiet)
     train = dict(max_iters=s["steps"], batch_size=s["batch_size"], lr=s["lr"], eval_interval=0, dtype="auto",
                  checkpoint_interval=250, warmup_iters=100)
-    cached = (run / LATEST_FILE).exists() and read_json(run / LATEST_FILE, "latest checkpoint")["step"] >= s["steps"]
-    pretrain(str(data), str(run), s["preset"], "nanogpt", train_layers=(train,), resume=(run / LATEST_FILE).exists(),
-             quiet=quiet)
-    return run, cached
+    return run, pretrained(data, run, s["preset"], "nanogpt", None, train, quiet)
 
 
 def run(out: Path, scale: str = "cpu", quiet: bool = False) -> Reproduction:

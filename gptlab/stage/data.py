@@ -14,17 +14,24 @@ from gptlab.errors import GptlabError
 class EpochOrder:
     """Sample i of step s's global batch (n per step) is example perm_e[p % N] with p = s·n + i and
     e = p // N; perm_e is a permutation seeded by (seed, e) on its own generator (the global RNG is
-    never touched)."""
+    never touched). With `lengths` and `group` > 1, each run of `group` positions of perm_e is sorted by
+    length, longest first (as transformers' group_by_length): neighbouring examples, hence a batch, have
+    similar lengths and pad little, while which examples share a run stays random."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, group: int = 0):
         self.n, self.seed, self._perms = n, seed, {}
+        self.lengths, self.group = lengths, group if lengths is not None else 0
 
     def perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.clear()
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 62))
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.group > 1:
+                perm = [i for k in range(0, self.n, self.group)
+                        for i in sorted(perm[k:k + self.group], key=lambda i: -self.lengths[i])]
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def indices(self, step: int, sample_slice: slice, n_global: int) -> list[int]:

@@ -26,6 +26,8 @@ class TrainConfig:
     grad_accum: int = field(1, "micro-steps per optimizer step at the full batch")
     batch_warmup_tokens: int = field(0, "GPT-3 batch warmup: grow the batch linearly over this many tokens (0 = off)")
     batch_start_tokens: int = field(32768, "batch size in tokens at the start of the batch warmup")
+    group_by_length: int = field(0, "fine-tuning stages: sort each run of N shuffled examples by length, so a "
+                                    "batch pads little (0 = off; e.g. 50 × the batch)")
     # optimizer (AdamW; no weight decay on biases and LayerNorm gains)
     lr: float = field(6e-4, "max learning rate")
     min_lr_ratio: float = field(0.1, "final lr as a fraction of max (GPT-3: 0.1, GPT-1: 0)")
@@ -68,7 +70,8 @@ class TrainConfig:
         check_ranges(self, "train", (
             ("max_iters", self.max_iters >= 0, "≥ 0"), ("max_tokens", self.max_tokens >= 0, "≥ 0"),
             ("batch_size", self.batch_size >= 1, "≥ 1"), ("block_size", self.block_size >= 0, "≥ 0 (0: the model's context)"),
-            ("grad_accum", self.grad_accum >= 1, "≥ 1"), ("batch_warmup_tokens", self.batch_warmup_tokens >= 0, "≥ 0"),
+            ("grad_accum", self.grad_accum >= 1, "≥ 1"),
+            ("group_by_length", self.group_by_length >= 0, "≥ 0"), ("batch_warmup_tokens", self.batch_warmup_tokens >= 0, "≥ 0"),
             ("batch_start_tokens", self.batch_start_tokens >= 1, "≥ 1"), ("lr", self.lr >= 0, "≥ 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("warmup_iters", self.warmup_iters >= 0, "≥ 0"),
             ("warmup_tokens", self.warmup_tokens >= 0, "≥ 0"), ("decay_iters", self.decay_iters >= 0, "≥ 0"),
