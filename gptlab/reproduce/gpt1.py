@@ -166,6 +166,7 @@ def run(out: Path, scale: str = "cpu", quiet: bool = False, source: Path | None 
     measured = dict(scale=scale, splits={"train": len(splits.train), "heldout": len(splits.heldout),
                                          "unseen": len(splits.unseen), "heldout_inside_train": splits.inside,
                                          "removed_parts_of_unseen": splits.removed},
-                    pretrain_val_loss=val_loss, pretrain_tokens=s["steps"] * s["batch"] * s["context"], zero_shot=zero, arms=accs, transfer={k: v[0] for k, v in transfer.items()},
-                    tfidf=baselines, majority=majority)
+                    pretrain_val_loss=val_loss, pretrain_tokens=s["steps"] * s["batch"] * s["context"],
+                    zero_shot=zero, arms=accs, transfer={k: v[0] for k, v in transfer.items()}, tfidf=baselines,
+                    majority=majority)
     return report(out, s, measured, PAPER, time.perf_counter() - t0)

@@ -150,7 +150,8 @@ def report(out: Path, s: dict, m: dict, paper: str, seconds: float) -> Reproduct
     sp = m["splits"]
     setup = (f"A GPT-1-architecture model ({s['layers']} × {s['width']}, {s['heads']} heads, context {s['context']}; "
              f"post-LN, GELU, learned positions) pretrained by `gptlab pretrain` for {s['steps']} steps of "
-             f"{s['batch']} × {s['context']} tokens ({m['pretrain_tokens'] / 1e6:.1f}M) on the {sp['train']:,} SST-2 training phrases with their labels "
+             f"{s['batch']} × {s['context']} tokens ({m['pretrain_tokens'] / 1e6:.1f}M) on the {sp['train']:,} SST-2 "
+             "training phrases with their labels "
              f"removed (BPE of {s['bpe']:,} merges trained on them; final validation loss "
              f"{m['pretrain_val_loss']:.3f}), then fine-tuned by `gptlab finetune` (batch 32, lr {s['ft_lr']:g}, "
              f"linear decay, 3 epochs or at least {s['min_examples']:,} examples; {s['all_epochs']:g} epoch with all "

@@ -54,7 +54,7 @@ def _train(out: Path, data: Path, s: dict, size: tuple, quiet: bool) -> Path:
     train = dict(max_iters=s["steps"], batch_size=s["batch"], lr=s["lr"], warmup_iters=max(1, s["steps"] // 10),
                  eval_interval=0, checkpoint_interval=max(1, s["steps"] // 2), dtype="auto", log_interval=50)
     if not quiet:
-        print(f"pretrain {layers} × {width}", flush=True)
+        print(f"model {layers} × {width}", flush=True)
     pretrained(data, run, "gpt2", "nanogpt", model, train, quiet)
     return run
 

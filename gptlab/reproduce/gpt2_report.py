@@ -72,6 +72,7 @@ def _claims(m: dict, kaplan_alpha: float) -> list[Claim]:
 
 
 def report(out: Path, s: dict, m: dict, paper: str, kaplan_alpha: float, seconds: float) -> Reproduction:
+    bpe = f"byte-level BPE of {s['bpe']:,} merges" if s["bpe"] else "GPT-2 BPE"
     rows = ["| model | non-embedding params | val loss | val perplexity | last-word acc | last-word perplexity | "
             "SST-2 acc |", "|---|---|---|---|---|---|---|"]
     for name, z in m["sizes"].items():
@@ -81,10 +82,11 @@ def report(out: Path, s: dict, m: dict, paper: str, kaplan_alpha: float, seconds
     setup = (f"{len(m['sizes'])} GPT-2-architecture models ({', '.join(m['sizes'])}; pre-LN, final LN, scaled "
              f"residual init, context {s['context']}) each trained by `gptlab pretrain` for {s['steps']} steps of "
              f"{s['batch']} × {s['context']} tokens ({m['tokens_per_model'] / 1e6:.2f}M tokens, the same for every "
-             f"size) on the built-in Shakespeare corpus ({'byte-level BPE of ' + format(s['bpe'], ',') + ' merges' if s['bpe'] else 'GPT-2 BPE'}), "
+             f"size) on the built-in Shakespeare corpus ({bpe}), "
              f"lr {s['lr']:g}, cosine decay. Validation loss: every token of the held-out 5% of the corpus. "
              f"Last word: {m['passages']} passages of {s['passage_words']} words cut from that held-out text, each "
-             "ending in a word of ≥ 4 letters that occurs earlier in the passage; the model must produce the whole word greedily (LAMBADA's metric). "
+             "ending in a word of ≥ 4 letters that occurs earlier in the passage (passages overlap); the model must "
+             "produce the whole word greedily (LAMBADA's metric). "
              + ("SST-2: the built-in `sst2` prompt task on 872 held-out sentences." if m["sst2"] else
                 "SST-2: not measured (no ../shared/data/sst2/train.tsv and no --data)."))
     tables = {"Per model": "\n".join(rows)}
