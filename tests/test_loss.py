@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlab.model import loss as loss_module
 from gptlab.model.loss import linear_cross_entropy
 
 
@@ -9,9 +10,11 @@ def _reference(h, w, t, ignore_index=-100):
     return F.cross_entropy((h @ w.t()).float(), t, ignore_index=ignore_index)
 
 
+@pytest.mark.parametrize("select", [True, False])  # the CPU path (target rows only) and the GPU one (all, masked)
 @pytest.mark.parametrize("ignored", [[], [3, 11, 40], [i for i in range(50) if i % 5]])  # none, few, 80%
 @pytest.mark.parametrize("chunk_rows", [None, 7])
-def test_fused_linear_cross_entropy_matches_plain_fp32(chunk_rows, ignored):
+def test_fused_linear_cross_entropy_matches_plain_fp32(chunk_rows, ignored, select, monkeypatch):
+    monkeypatch.setattr(loss_module, "SELECT_ROWS_ON", ("cpu",) if select else ())
     torch.manual_seed(0)
     h = torch.randn(50, 16, requires_grad=True)
     w = torch.randn(97, 16, requires_grad=True)

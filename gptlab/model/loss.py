@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 _CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MB)
+SELECT_ROWS_ON = ("cpu",)  # device types where only the rows with a target are computed
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -29,10 +30,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             valid = targets != ignore_index
             n_valid = valid.sum().clamp_min(1).to(torch.float32)
-            # only the predicted rows go through the head: pads and masked prompts (often half of a
-            # fine-tuning batch) cost nothing, and neither does a batch with no LM targets at all
-            rows = valid.nonzero().squeeze(1) if not bool(valid.all()) else None
-            hv, tv = (h, targets) if rows is None else (h.index_select(0, rows), targets.index_select(0, rows))
+            # on CPU only the predicted rows go through the head: pads and masked prompts (often half of a
+            # fine-tuning batch) cost nothing, nor does a batch without LM targets. On GPUs finding the rows
+            # would sync with the host every step, so there every row runs, masked.
+            rows = valid.nonzero().squeeze(1) if dev in SELECT_ROWS_ON and not bool(valid.all()) else None
+            hv, tv, vv = (h, targets, valid) if rows is None else (h[rows], targets[rows], valid[rows])
             hc, wc = hv.to(dt), weight.to(dt)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_hv = torch.empty_like(hv) if need_h else None
@@ -41,12 +43,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, hv.size(0), chunk_rows):
                 e = min(s + chunk_rows, hv.size(0))
                 logp = torch.log_softmax((hc[s:e] @ wc.t()).float(), dim=-1)  # (n, V), one fused kernel
-                t = tv[s:e]
-                loss -= logp.gather(1, t[:, None]).sum()
+                t, v = tv[s:e].clamp_min(0), vv[s:e]
+                loss -= (logp.gather(1, t[:, None]).squeeze(1) * v).sum()
                 if need_h or need_w:
                     g = logp.exp_()  # softmax, in place: d loss / d logits = (p - onehot) / N
                     g[torch.arange(e - s, device=g.device), t] -= 1.0
-                    g = (g / n_valid).to(dt)
+                    g *= (v.float() / n_valid)[:, None]
+                    g = g.to(dt)
                     if need_h:
                         grad_hv[s:e] = g @ wc
                     if need_w:
