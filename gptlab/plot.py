@@ -51,6 +51,7 @@ def plot(png: Path, panels: list[Panel], title: str = "") -> Path | None:
             _told = True
         return None
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     size = (7, 4) if len(panels) == 1 else (4.2 * len(panels), 3.4)
@@ -63,6 +64,12 @@ def plot(png: Path, panels: list[Panel], title: str = "") -> Path | None:
             ax.axhline(y, color="grey", lw=0.8, ls="--", label=label)
         ax.set_xscale(p.xscale)
         ax.set_yscale(p.yscale)
+        for axis, scale in ((ax.xaxis, p.xscale), (ax.yaxis, p.yscale)):
+            lo, hi = axis.get_view_interval()
+            if scale == "log" and 0 < lo and hi / lo < 10:  # within a decade matplotlib writes 3×10⁰: plain reads better
+                plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(plain)
         ax.set_xlabel(p.xlabel)
         ax.set_ylabel(p.ylabel)
         if p.ylim:

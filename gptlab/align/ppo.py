@@ -103,7 +103,7 @@ def as_conversations(prompts) -> list[list[dict]]:
     raise GptlabError("prompts must be a prompt file, a list of strings or a list of conversations")
 
 
-def _fit_prompts(tok, convs: list[list[dict]], block_size: int, max_new: int) -> tuple[list[list[dict]], int]:
+def fit_prompts(tok, convs: list[list[dict]], block_size: int, max_new: int) -> tuple[list[list[dict]], int]:
     """Drop the oldest turns of prompts too long to leave max_new_tokens of room; skip those that cannot fit."""
     out, dropped = [], 0
     for c in convs:
@@ -225,9 +225,9 @@ def _settings(st: Start, src: Sources, config) -> tuple[Sources, PPOConfig]:
 
 def _split_prompts(tok, prompts, cfg: PPOConfig, ctx: int) -> tuple[list, list, int]:
     """-> (training prompts, held-out prompts, prompts dropped as too long for the context)."""
-    convs, dropped = _fit_prompts(tok, as_conversations(prompts), ctx, cfg.max_new_tokens)
+    convs, dropped = fit_prompts(tok, as_conversations(prompts), ctx, cfg.max_new_tokens)
     if isinstance(cfg.eval_prompts, str):
-        eval_c, d2 = _fit_prompts(tok, as_conversations(cfg.eval_prompts), ctx, cfg.max_new_tokens)
+        eval_c, d2 = fit_prompts(tok, as_conversations(cfg.eval_prompts), ctx, cfg.max_new_tokens)
         train_c, dropped = convs, dropped + d2
     else:
         k = int(cfg.eval_prompts)

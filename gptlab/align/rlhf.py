@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from gptlab.align.ppo import PPOConfig, as_conversations, resolve_reward_fn
+from gptlab.align.ppo import PPOConfig, as_conversations, fit_prompts, resolve_reward_fn
 from gptlab.align.ppo import ppo as run_ppo
 from gptlab.chat.template import END, render_ids
 from gptlab.errors import GptlabError
@@ -71,6 +71,8 @@ def judge_comparisons(policy_dir: str | Path, conversations: list[list[dict]], j
     gen = Generator(run.model, tok)
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(tok.special_tokens[END],), ignore_eos=True,
                             seed=seed)
+    # prompts too long for the context lose their oldest turns (as PPO's do), not their first tokens
+    conversations = fit_prompts(tok, conversations, run.model.cfg.block_size, max_new_tokens)[0]
     ids = [render_ids(tok, c)[0] for c in conversations]
     outs = gen.generate(ids, params, num_samples=samples)
     rows = []

@@ -14,5 +14,8 @@ from __future__ import annotations
 RECIPES = {  # name -> module (imported when run)
     "gpt1": "gptlab.reproduce.gpt1",
     "gpt2": "gptlab.reproduce.gpt2",
+    "gpt3": "gptlab.reproduce.gpt3",
+    "gpt4o": "gptlab.reproduce.gpt4o",
+    "instructgpt": "gptlab.reproduce.instructgpt",
     "sparsegpt": "gptlab.reproduce.sparsegpt",
 }
