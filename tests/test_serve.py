@@ -184,8 +184,11 @@ def test_completions_chat_streaming_usage(server):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
     assert all(max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))  # greedy
-    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
-    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    # greedy: a sampled reply may be just <|end|> (an empty content list) on some machines' numerics
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2, temperature=0)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= r.usage.completion_tokens
+    assert all(len(x.top_logprobs) == 2 and x.top_logprobs[0].logprob == pytest.approx(x.logprob) for x in content)
 
 
 def test_errors_and_auth(server):

@@ -55,7 +55,7 @@ def cmd_reproduce(a) -> None:
 
         for name, mod in RECIPES.items():
             m = importlib.import_module(mod)
-            print(f"{name:10s} {m.SUMMARY}\n{'':10s} {m.PAPER}")
+            print(f"{name:12s} {m.SUMMARY}\n{'':12s} {m.PAPER}")
         return
     default = f"runs/reproduce/{a.name}" + ("" if a.scale == "cpu" else f"-{a.scale}")
     path = reproduce(a.name, a.out or default, a.scale, data=a.data)
