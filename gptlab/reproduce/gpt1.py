@@ -34,7 +34,7 @@ SUMMARY = ("SST-2 from 100 to all labels: pretrained vs random init, λ 0.5 vs 0
 ALL = 0  # a label budget of 0: every training phrase
 _CPU = dict(layers=4, width=256, heads=4, context=64, bpe=4000, steps=900, batch=64, lr=1e-3, snapshots=6,
             labels=(100, 500, 2000, 5000, ALL), random_labels=(100, 500, 2000, 5000, ALL), lambda0_labels=(500, 5000),
-            transfer_labels=2000, seeds=2, seeded_up_to=500, ft_lr=6e-4, min_examples=2400, all_epochs=0.75,
+            transfer_labels=2000, seeds=3, seeded_up_to=500, ft_lr=6e-4, min_examples=2400, all_epochs=1.0,
             heldout=2000, unseen=500, zero_shot=1000)
 SCALES = {
     "cpu": _CPU,
